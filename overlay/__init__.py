@@ -1,0 +1,1 @@
+"""overlay: an overlayfs-compatible union filesystem on backingfs."""

@@ -1,0 +1,1 @@
+"""passthru: a FUSE passthrough filesystem on backingfs."""
