@@ -33,13 +33,16 @@ class BackingFile:
     its offset on an O_APPEND fd, so appending is the request's APPEND flag instead.
     """
 
-    __slots__ = ("fd", "flags", "_refs", "_lock", "__weakref__")
+    __slots__ = ("fd", "flags", "nowait_ok", "_refs", "_lock", "__weakref__")
 
     def __init__(self, fd: int, flags: int = 0) -> None:
         if flags & os.O_APPEND:
             raise ValueError("backing fds must not carry O_APPEND; use IocbFlags.APPEND")
         self.fd = fd
         self.flags = flags  # the open flags, for the access mode and O_DIRECT
+        # Cleared the first time the backing fs refuses RWF_NOWAIT (EOPNOTSUPP), so the
+        # read fast path is not tried again on this fd.
+        self.nowait_ok = True
         self._refs = 1  # guarded by _lock
         self._lock = threading.Lock()
 

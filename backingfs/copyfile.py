@@ -1,0 +1,164 @@
+"""Data copy for copy-up: reflink, then extent-wise copy_file_range, then pread/pwrite.
+
+The contract of :func:`copy_data`: afterwards ``dst`` holds the first ``size`` bytes of
+``src`` and is exactly ``size`` bytes long, and every hole of the source stays a hole (no
+byte of a hole is ever read or written, so a sparse 5 GiB image costs only its data blocks).
+The cheapest method that works is used, in this order:
+
+1. ``FICLONE``: one ioctl shares every extent (btrfs, xfs with reflink, bcachefs). Only for a
+   whole-file copy, since the ioctl cannot clone a prefix.
+2. ``copy_file_range`` over each data extent found with ``SEEK_DATA``/``SEEK_HOLE``: the
+   kernel copies (or reflinks, or server-side copies) without the data entering userspace.
+3. ``pread``/``pwrite`` in 1 MiB chunks over the same extents, when the kernel refuses
+   copy_file_range (EXDEV across filesystems on old kernels, EOPNOTSUPP, ENOSYS, EINVAL).
+   The switch can happen mid-file: what was already copied is kept.
+
+Blocking: call from a worker thread. ``dst`` should be a fresh, empty regular file opened for
+writing (FICLONE replaces its content, and holes are only kept if nothing was there).
+Side effect: moves the file offset of ``src`` (SEEK_DATA/SEEK_HOLE are lseeks); copy-up opens
+its own source fd, so nobody else sees it. Errors other than the fallback ones propagate as
+OSError; ``dst`` is then partly written and the caller discards it (copy-up builds in work/).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+#: _IOW(0x94, 9, int): share all extents of the source fd with the destination fd.
+FICLONE = 0x40049409
+
+#: Chunk for both copy_file_range calls and the pread/pwrite fallback.
+CHUNK = 1 << 20
+
+#: Errnos meaning "this method is not available here", not "the copy failed".
+FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+#: FICLONE additionally answers ENOTTY on filesystems without the ioctl, and EBADF/EPERM
+#: for some file kinds; none of those mean the plain copy would fail.
+_CLONE_FALLBACK_ERRNOS = FALLBACK_ERRNOS | {errno.ENOTTY, errno.EBADF, errno.EPERM}
+
+METHOD_CLONE = "clone"
+METHOD_COPY_FILE_RANGE = "copy_file_range"
+METHOD_READ_WRITE = "read_write"
+
+
+@dataclass
+class CopyStats:
+    """What :func:`copy_data` did.
+
+    ``method`` is the last method used: ``"clone"``, ``"copy_file_range"``, or
+    ``"read_write"`` (also when copy_file_range was abandoned part-way). ``bytes_copied``
+    counts data bytes moved (holes excluded; for a clone, the whole size). ``extents`` counts
+    the data extents visited.
+    """
+
+    method: str = METHOD_COPY_FILE_RANGE
+    bytes_copied: int = 0
+    extents: int = 0
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
+    """Copy the first ``size`` bytes (default: all) of ``src_fd`` to ``dst_fd``, keeping holes.
+
+    See the module docstring for the method order and the contract on ``dst_fd``.
+    """
+    src_size = os.fstat(src_fd).st_size
+    if size is None:
+        size = src_size
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    stats = CopyStats()
+    if size == 0:
+        os.ftruncate(dst_fd, 0)
+        return stats
+    if size == src_size and _try_clone(src_fd, dst_fd):
+        stats.method = METHOD_CLONE
+        stats.bytes_copied = size
+        stats.extents = 1
+        return stats
+    use_copy_file_range = True
+    for start, end in data_extents(src_fd, size):
+        stats.extents += 1
+        pos = start
+        if use_copy_file_range:
+            pos, use_copy_file_range = _copy_range_kernel(src_fd, dst_fd, pos, end)
+        if not use_copy_file_range:
+            stats.method = METHOD_READ_WRITE
+            pos = _copy_range_rw(src_fd, dst_fd, pos, end)
+        stats.bytes_copied += pos - start
+    # A trailing hole has no data extent to write, so only the size records it.
+    os.ftruncate(dst_fd, size)
+    return stats
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` data ranges of ``fd`` below ``size``, found by SEEK_DATA/HOLE.
+
+    A filesystem without hole reporting (EINVAL) yields one extent covering everything,
+    which is what SEEK_DATA's generic implementation reports anyway.
+    """
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                break
+            if e.errno == errno.EINVAL and pos == 0:
+                return [(0, size)]
+            raise
+        if start >= size:
+            break
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # the file shrank under us; copy what is there
+                raise
+            end = size
+        end = min(end, size)
+        extents.append((start, end))
+        pos = end
+    return extents
+
+
+def _try_clone(src_fd: int, dst_fd: int) -> bool:
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as e:
+        if e.errno in _CLONE_FALLBACK_ERRNOS:
+            return False
+        raise
+    return True
+
+
+def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int) -> tuple[int, bool]:
+    """copy_file_range over ``[pos, end)``; returns (position reached, still usable)."""
+    while pos < end:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(CHUNK, end - pos), pos, pos)
+        except OSError as e:
+            if e.errno in FALLBACK_ERRNOS:
+                return pos, False
+            raise
+        if n == 0:  # source truncated under us: nothing more to copy
+            return pos, True
+        pos += n
+    return pos, True
+
+
+def _copy_range_rw(src_fd: int, dst_fd: int, pos: int, end: int) -> int:
+    """pread/pwrite over ``[pos, end)``; returns the position reached."""
+    while pos < end:
+        chunk = os.pread(src_fd, min(CHUNK, end - pos), pos)
+        if not chunk:  # source truncated under us
+            return pos
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(dst_fd, view, pos)
+            view = view[n:]
+            pos += n
+    return pos

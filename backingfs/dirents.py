@@ -1,0 +1,141 @@
+"""DirSnapshot: the stable-offset listing of one open directory, and exact readdirplus filling.
+
+An open directory lists a snapshot taken once (at opendir or first readdir), so offsets mean
+the same thing for the life of the handle: seekdir/telldir and a readdir resumed after a
+full buffer neither skip nor repeat entries while the directory changes underneath.
+Offsets are 1-based positions in the snapshot: offset 0 is the start, and the entry at
+index ``i`` (0-based) carries ``next_off == i + 1``, the offset to resume *after* it.
+
+The snapshot never holds ``.`` or ``..`` (the constructor refuses them): the kernel takes
+no lookup reference for them in READDIRPLUS (libfuse a83041fa), so they cannot go through
+``fill``, whose entries each carry one. A filesystem that lists them does so on its own.
+
+``fill`` hands entries to the kernel's reply one by one, each carrying the one lookup
+reference ``make_entry`` took (fsapi contract). It stops at the first entry the kernel
+rejected and does *not* give that entry's reference back: the bridge does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import inspect
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Generic, NamedTuple, TypeVar
+
+import trio
+
+from .fsapi import DirEntry, ReaddirReply
+
+P = TypeVar("P")
+
+DOTS = (b".", b"..")
+
+
+class DirItem(NamedTuple, Generic[P]):
+    name: bytes
+    payload: P  # whatever the producer needs to build the entry (d_ino, d_type, layer...)
+    next_off: int  # the offset that resumes after this item
+
+
+class DirSnapshot(Generic[P]):
+    """An immutable, ordered listing of ``(name, payload)`` items with stable offsets.
+
+    ``ValueError`` if an item is named ``.`` or ``..`` or a name is not bytes. Duplicate
+    names are kept as given (merging layers is the producer's job).
+    """
+
+    def __init__(self, items: Iterable[tuple[bytes, P]]) -> None:
+        self._items: tuple[tuple[bytes, P], ...] = tuple(items)
+        for name, _ in self._items:
+            if not isinstance(name, bytes):
+                raise ValueError(f"directory entry names are bytes, not {name!r}")
+            if name in DOTS:
+                raise ValueError(f"{name!r} does not belong in a DirSnapshot")
+
+    def entries_from(self, off: int) -> Iterator[DirItem[P]]:
+        """The items after offset ``off`` (0: from the start; past the end: none).
+        ``ValueError`` for a negative offset."""
+        if off < 0:
+            raise ValueError(f"negative directory offset {off}")
+        for index in range(off, len(self._items)):
+            name, payload = self._items[index]
+            yield DirItem(name, payload, index + 1)
+
+    def names(self) -> list[bytes]:
+        return [name for name, _ in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+MakeEntry = Callable[[bytes, P], DirEntry | Awaitable[DirEntry]]
+
+
+async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
+               reply: ReaddirReply) -> int:
+    """Reply with the snapshot's entries from ``off`` until ``reply`` returns False.
+
+    For each item, ``make_entry(name, payload)`` (plain or async) builds a ``DirEntry``
+    and takes one lookup reference on its inode; ``fill`` sets the entry's ``next_off``
+    (whatever ``make_entry`` put there is replaced) and passes it to ``reply``. The entry
+    ``reply`` rejects keeps its reference: the caller (the bridge) gives it back.
+
+    An item whose ``make_entry`` raises ENOENT vanished since the snapshot and is skipped.
+    Any other ``OSError`` is raised if nothing was replied yet; after partial output ``fill``
+    stops and returns instead, since an error reply would lose the references already
+    delivered (libfuse passthrough_hp's readdir rule).
+
+    Returns the number of entries ``reply`` accepted.
+    """
+    await trio.lowlevel.checkpoint()
+    accepted = 0
+    for item in snapshot.entries_from(off):
+        try:
+            entry = make_entry(item.name, item.payload)
+            if inspect.isawaitable(entry):
+                entry = await entry
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            if accepted == 0:
+                raise
+            return accepted
+        if entry.next_off != item.next_off:
+            entry = dataclasses.replace(entry, next_off=item.next_off)
+        if not reply(entry):
+            break
+        accepted += 1
+    return accepted
+
+
+def _d_type(entry: os.DirEntry[str]) -> int:
+    """The entry's DT_* value: from d_type when the fs gives it, else from an lstat."""
+    try:
+        if entry.is_symlink():
+            return stat.S_IFLNK >> 12
+        if entry.is_dir(follow_symlinks=False):
+            return stat.S_IFDIR >> 12
+        if entry.is_file(follow_symlinks=False):
+            return stat.S_IFREG >> 12
+        # fifo, socket, device (an overlay whiteout is char 0/0): only a stat tells which.
+        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
+    except OSError:
+        return 0  # DT_UNKNOWN: the entry vanished meanwhile
+
+
+def scandir_names(fd: int) -> list[tuple[bytes, int, int]]:
+    """List the directory ``fd`` as ``(name, d_ino, d_type)``, without ``.`` and ``..``.
+
+    ``fd`` may be an O_PATH fd. It is neither closed nor moved: the listing reads through
+    a fresh open of the same directory (``openat(fd, ".")``), which has its own offset, so
+    concurrent listings of one fd do not disturb each other. Blocking: run it in a worker.
+    """
+    dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        with os.scandir(dir_fd) as it:
+            return [(os.fsencode(entry.name), entry.inode(), _d_type(entry)) for entry in it]
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,220 @@
+"""The operations interface overlay and passthru implement, in plain Python types.
+
+Neither filesystem imports pyfuse3: ``bridge.py`` adapts a ``Filesystem`` to pyfuse3 (and a
+native /dev/fuse session may adapt it to the kernel protocol directly, DESIGN §7).
+
+Contracts every implementation keeps:
+- Errors are ``OSError(errno, msg)``; the bridge turns them into replies. Any other
+  exception is a bug: the bridge logs it with its traceback and answers EIO.
+- Every ``Entry`` returned (lookup, mknod, mkdir, symlink, link, create) and every
+  ``DirEntry`` handed to a readdir ``reply`` carries **one lookup reference** on its inode,
+  taken by the filesystem (``InodeTable.lookup``/``ref``). The bridge gives back the
+  reference of a readdir entry the kernel did not accept (``reply`` returned False) by
+  calling ``forget``; a filesystem never counts entries itself.
+- ``ino`` numbers are the kernel's node ids and the reported ``st_ino`` at once (pyfuse3
+  ties them): never reuse one the kernel may still hold. The root is ``ROOT_INO`` (1).
+- Methods not implemented raise ``OSError(ENOSYS)`` (the default below), except
+  ``forget``/``release``/``releasedir``/``flush``/``fsync``/``fsyncdir`` whose defaults
+  succeed, and ``destroy`` which does nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .attrs import Attr
+
+ROOT_INO = 1
+
+#: renameat2 flags, as the kernel defines them.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made the request (the FUSE request context)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0o022
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An entry or attribute reply. ``attr.st_ino`` is the inode number."""
+
+    attr: Attr
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    generation: int = 0
+
+    @property
+    def ino(self) -> int:
+        return self.attr.st_ino
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One readdir entry; ``next_off`` is the offset to resume *after* this entry."""
+
+    name: bytes
+    entry: Entry
+    next_off: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    fh: int
+    direct_io: bool = False
+    keep_cache: bool = False
+    nonseekable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetattrRequest:
+    """The fields to change; ``None`` leaves one alone. Times are absolute nanoseconds:
+    the bridge resolves UTIME_NOW to the current time before calling."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Statfs:
+    f_bsize: int = 4096
+    f_frsize: int = 4096
+    f_blocks: int = 0
+    f_bfree: int = 0
+    f_bavail: int = 0
+    f_files: int = 0
+    f_ffree: int = 0
+    f_favail: int = 0
+    f_namemax: int = 255
+
+
+#: ``reply(entry) -> bool``: False once the kernel's buffer is full; stop producing then.
+ReaddirReply = Callable[[DirEntry], bool]
+
+
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, "operation not implemented")
+
+
+class Filesystem:
+    """Base class of a filesystem served through the bridge. See the module docstring."""
+
+    #: Ask the kernel for its writeback cache (FUSE_CAP_WRITEBACK_CACHE).
+    enable_writeback_cache: bool = False
+    #: Let the kernel enforce POSIX ACLs (FUSE_CAP_POSIX_ACL).
+    enable_acl: bool = False
+
+    def init(self) -> None:
+        """Called once the session is up, before the first request. Must not raise."""
+
+    async def destroy(self) -> None:
+        """Called at unmount, after the last request: drain I/O, forget every inode."""
+
+    async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        """Drop ``n`` lookup references from each ``(ino, n)``."""
+
+    async def getattr(self, ino: int, caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
+                      caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def readlink(self, ino: int, caller: Caller) -> bytes:
+        raise _enosys()
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
+        raise _enosys()
+
+    async def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
+        raise _enosys()
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int, caller: Caller) -> None:
+        raise _enosys()
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes, caller: Caller) -> Entry:
+        raise _enosys()
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> OpenReply:
+        raise _enosys()
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[OpenReply, Entry]:
+        raise _enosys()
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+        raise _enosys()
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        raise _enosys()
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass
+
+    async def opendir(self, ino: int, caller: Caller) -> int:
+        raise _enosys()
+
+    async def readdir(self, fh: int, off: int, reply: ReaddirReply) -> None:
+        raise _enosys()
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    async def statfs(self, caller: Caller) -> Statfs:
+        raise _enosys()
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        raise _enosys()
+
+    async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
+        raise _enosys()
+
+    async def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
+        raise _enosys()
+
+    async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        raise _enosys()
+
+    async def access(self, ino: int, mode: int, caller: Caller) -> None:
+        """Raise OSError(EACCES) when ``caller`` may not access ``ino`` with ``mode``."""
+        raise _enosys()
+
+    def statistics(self) -> dict[str, object]:
+        """Counts for the SIGUSR1 dump (inodes, handles, in-flight I/O)."""
+        return {}

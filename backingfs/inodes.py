@@ -1,0 +1,273 @@
+"""InodeTable: the stacked inodes the kernel knows, keyed by backing identity, with lookup counts.
+
+One table per mount holds every ``Inode`` the kernel may name by ``ino``. The counts follow
+the FUSE protocol exactly (DESIGN §2): ``lookup``/``ref`` add one per entry reply the kernel
+accepted, ``forget`` subtracts what the kernel forgets, and an inode leaves the table only
+when its lookup count *and* its open count are both zero. The root never leaves.
+
+Identity is the inode's ``key`` (a ``BackingId``, plus the layer for overlay). A backing
+object replaced underneath is never mutated in place: ``mark_stale`` unmaps its key, so the
+next lookup makes a new inode with a new ``ino``, while the stale one keeps its number
+reserved until the kernel forgets it (the "bad inode" and libfuse passthrough_hp fixes,
+reference §D.9, §E.16-17).
+
+Locking: one ``threading.Lock`` guards both maps and every ``lookups``/``opens`` count, so
+each find-or-create-and-count is atomic (libfuse 1e19235c: a lookup must not resurrect an
+inode being erased; 02c0fc62: two forgets must not both see zero). Methods never await and
+may be called from trio tasks and worker threads alike. ``make()`` runs under the lock.
+``on_evict()`` runs after the lock is dropped, once per inode, on the thread that evicted it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from .attrs import AttrCache
+from .fsapi import ROOT_INO
+from .inflight import InFlight
+
+log = logging.getLogger(__name__)
+
+#: Inode numbers handed out when a backing st_ino cannot be used (taken, or the root's).
+#: Far above any real st_ino in practice; the counter only grows, so it never repeats.
+RESERVED_INO_BASE = 1 << 62
+
+
+class Inode:
+    """One stacked inode. Filesystems subclass it to add their backing state.
+
+    ``lookups`` and ``opens`` belong to the table: read them freely, change them only
+    through ``InodeTable``. ``io.parent`` is set to the table's ``io`` when the table adopts
+    the inode (``InodeTable.__init__`` for the root, ``lookup`` for the rest).
+    """
+
+    def __init__(self, ino: int, key: Hashable) -> None:
+        self.ino = ino  # kernel node id == reported st_ino; never reused while held
+        self.key = key  # identity: BackingId (+ layer); immutable for the inode's life
+        self.lookups = 0  # kernel refs; guarded by the table lock; 0 and no opens => evict
+        self.opens = 0  # open handles (files and dirs); guarded by the table lock
+        self.is_stale = False  # backing object replaced: ops answer ESTALE; never cleared
+        self.io = InFlight()  # in-flight requests on this inode; parent: the table's io
+        self.attrs = AttrCache()
+        self.lock = trio.Lock()  # serialises writes / attribute updates on this inode
+
+    def on_evict(self) -> None:
+        """Hook: the inode left the table (close an O_PATH fd, ...). Default: nothing.
+
+        Called exactly once, without the table lock held. Must not raise.
+        """
+
+    def __repr__(self) -> str:
+        stale = " stale" if self.is_stale else ""
+        return (f"<{type(self).__name__} ino={self.ino} key={self.key!r} "
+                f"lookups={self.lookups} opens={self.opens}{stale}>")
+
+
+InodeT = TypeVar("InodeT", bound=Inode)
+
+
+@dataclass(frozen=True)
+class InodeTableStatistics:
+    inodes: int  # held in the table, the root and stale ones included
+    stale: int
+    lookups: int  # sum of lookup counts
+    opens: int  # sum of open counts
+    evicted: int  # total ever evicted
+    in_flight: int  # mount-wide in-flight requests
+
+
+class InodeTable(Generic[InodeT]):
+    """Every inode the kernel may name, by ``ino`` and (live ones) by ``key``.
+
+    The root starts with one lookup: the kernel's implicit reference from mounting, which
+    it never forgets. Errors: ``get``/``ref`` raise ``OSError(ESTALE)`` for an ino not in
+    the table. Internal count errors (forget or close below zero) are logged and clamped,
+    never raised, since they arrive from the kernel or from teardown paths.
+    """
+
+    def __init__(self, root: InodeT) -> None:
+        if root.ino != ROOT_INO:
+            raise ValueError(f"root inode must have ino {ROOT_INO}, not {root.ino}")
+        self.io = InFlight()  # mount-wide in-flight count
+        self.root = root
+        self._lock = threading.Lock()  # guards the maps, counters and every inode's counts
+        self._by_ino: dict[int, InodeT] = {}  # live and stale inodes
+        self._by_key: dict[Hashable, InodeT] = {}  # live inodes only
+        self._next_ino = RESERVED_INO_BASE  # guarded by _lock
+        self._evicted = 0  # guarded by _lock
+        root.lookups = 1
+        self._adopt(root)
+
+    def _adopt(self, inode: InodeT) -> None:
+        """Enter a new inode in both maps. Caller holds _lock (or is __init__)."""
+        inode.io.parent = self.io
+        self._by_ino[inode.ino] = inode
+        self._by_key[inode.key] = inode
+
+    def _allocate_ino(self, preferred_ino: int | None) -> int:
+        """Caller holds _lock. A held number (live or stale) is never handed out again."""
+        if (preferred_ino is not None and preferred_ino > 0 and preferred_ino != ROOT_INO
+                and preferred_ino not in self._by_ino):
+            return preferred_ino
+        # A preferred ino may have taken a number from the reserved range: skip it.
+        while self._next_ino in self._by_ino:
+            self._next_ino += 1
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _unmap(self, inode: InodeT) -> None:
+        """Remove an evictable inode from both maps. Caller holds _lock, then calls
+        ``inode.on_evict()`` once the lock is dropped."""
+        del self._by_ino[inode.ino]
+        if self._by_key.get(inode.key) is inode:
+            del self._by_key[inode.key]
+        self._evicted += 1
+
+    def _is_evictable(self, inode: InodeT) -> bool:
+        return inode is not self.root and inode.lookups == 0 and inode.opens == 0
+
+    def get(self, ino: int) -> InodeT:
+        """The inode for ``ino``, stale ones included; ``OSError(ESTALE)`` if unknown."""
+        with self._lock:
+            inode = self._by_ino.get(ino)
+        if inode is None:
+            raise OSError(errno.ESTALE, f"unknown inode {ino}")
+        return inode
+
+    def find(self, key: Hashable) -> InodeT | None:
+        """The live (non-stale) inode for ``key``, if any. Takes no reference."""
+        with self._lock:
+            return self._by_key.get(key)
+
+    def lookup(self, key: Hashable, make: Callable[[int], InodeT],
+               preferred_ino: int | None = None) -> InodeT:
+        """Find or create the live inode for ``key`` and add one lookup, atomically.
+
+        ``make(ino)`` builds a new inode with that ino and ``key``; it runs under the table
+        lock, so it must be quick and must not call back into the table. ``preferred_ino``
+        (normally the backing st_ino) is used if no live or stale inode holds it and it is
+        not the root's; otherwise a fresh number from the reserved range is given. The
+        returned inode is never stale. The caller owns the added lookup and must pass it to
+        the kernel in an entry reply, or give it back with ``forget(ino, 1)``.
+        """
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is None:
+                ino = self._allocate_ino(preferred_ino)
+                inode = make(ino)
+                if inode.ino != ino or inode.key != key:
+                    raise ValueError(f"make({ino}) built {inode!r}, not ino {ino} key {key!r}")
+                self._adopt(inode)
+            inode.lookups += 1
+            return inode
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """Add ``n`` lookups to the live inode ``ino`` (an entry reply naming an inode the
+        caller already holds, e.g. link). ``OSError(ESTALE)`` if unknown or stale."""
+        if n <= 0:
+            raise ValueError(f"ref() needs n > 0, not {n}")
+        with self._lock:
+            inode = self._by_ino.get(ino)
+            if inode is None or inode.is_stale:
+                raise OSError(errno.ESTALE, f"ref() on unknown or stale inode {ino}")
+            inode.lookups += n
+
+    def forget(self, ino: int, n: int) -> None:
+        """Drop ``n`` lookups from ``ino``; evict it at zero lookups and zero opens.
+
+        Never raises: an unknown ino is ignored (the kernel may forget after destroy), and a
+        count that would go below zero is an internal error, logged and clamped to zero.
+        """
+        with self._lock:
+            inode = self._by_ino.get(ino)
+            if inode is None:
+                log.debug("forget(%d, %d) of unknown inode ignored", ino, n)
+                return
+            if n < 0:
+                log.error("forget(%d, %d) with a negative count ignored", ino, n)
+                return
+            if n > inode.lookups:
+                log.error("forget(%d, %d) with only %d lookups: count clamped to 0",
+                          ino, n, inode.lookups)
+                n = inode.lookups
+            inode.lookups -= n
+            evict = self._is_evictable(inode)
+            if evict:
+                self._unmap(inode)
+        if evict:
+            inode.on_evict()
+
+    def mark_stale(self, inode: InodeT) -> None:
+        """The backing object behind ``inode`` was replaced: unmap its key so the next
+        lookup of that key makes a new inode. The stale inode keeps its ino until the
+        kernel forgets it and its handles are closed. Idempotent. The root cannot be
+        stale (ValueError)."""
+        if inode is self.root:
+            raise ValueError("the root inode cannot be marked stale")
+        with self._lock:
+            inode.is_stale = True
+            if self._by_key.get(inode.key) is inode:
+                del self._by_key[inode.key]
+
+    def open(self, inode: InodeT) -> None:
+        """One more open handle on ``inode``. ``OSError(ESTALE)`` if it already left the
+        table (an open racing the last forget: the kernel never does this)."""
+        with self._lock:
+            if self._by_ino.get(inode.ino) is not inode:
+                raise OSError(errno.ESTALE, f"open() on evicted inode {inode.ino}")
+            inode.opens += 1
+
+    def close(self, inode: InodeT) -> None:
+        """One handle fewer on ``inode``; evicts it if that was the last reason to keep it.
+        Never raises: closing an inode already evicted by ``forget_all`` is ignored, and an
+        open count below zero is logged and clamped."""
+        with self._lock:
+            if self._by_ino.get(inode.ino) is not inode:
+                log.debug("close() of evicted inode %d ignored", inode.ino)
+                return
+            if inode.opens <= 0:
+                log.error("close() of inode %d with no opens", inode.ino)
+                inode.opens = 0
+            else:
+                inode.opens -= 1
+            evict = self._is_evictable(inode)
+            if evict:
+                self._unmap(inode)
+        if evict:
+            inode.on_evict()
+
+    def forget_all(self) -> None:
+        """Destroy: evict every inode but the root, whatever its counts (the kernel does
+        not promise FORGETs at unmount). Callers release handles and drain ``io`` first."""
+        with self._lock:
+            evicted = [inode for inode in self._by_ino.values() if inode is not self.root]
+            for inode in evicted:
+                inode.lookups = 0
+                self._unmap(inode)
+        for inode in evicted:
+            inode.on_evict()
+
+    def statistics(self) -> InodeTableStatistics:
+        with self._lock:
+            inodes = list(self._by_ino.values())
+            evicted = self._evicted
+        return InodeTableStatistics(
+            inodes=len(inodes),
+            stale=sum(inode.is_stale for inode in inodes),
+            lookups=sum(inode.lookups for inode in inodes),
+            opens=sum(inode.opens for inode in inodes),
+            evicted=evicted,
+            in_flight=self.io.count,
+        )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_ino)

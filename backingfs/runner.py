@@ -1,0 +1,363 @@
+"""The mount lifecycle: checks, mount, daemonize once live, serve, signals, unmount.
+
+``run()`` is what both CLIs end in. Order, and why:
+
+1. Checks that can fail with a clear message happen first, in the caller's process: fd
+   limit raised, mountpoint exists and is a directory, /dev/fuse opens. The filesystem
+   object itself was built by the CLI before ``run`` (backing dirs opened), for the same
+   reason. A user error is ``QuietError``: one line on stderr, no traceback.
+2. Background mode forks *before* mounting, and the child mounts (``pyfuse3.init``), so the
+   mount belongs to the process that serves it; the parent waits on a pipe for one status
+   message and exits 0 only once the mount is live, or prints the child's error and exits
+   1. Only then does the child detach (setsid, chdir /, stdio to /dev/null).
+3. ``trio.run``: the signal task starts before the session loop (SIGTERM/SIGINT/SIGHUP ->
+   ``pyfuse3.terminate()``, SIGUSR1 -> ``fs.statistics()`` logged at INFO). A signal that
+   arrives between the mount and the loop is recorded and acted on when the loop starts,
+   never lost (its default action would leave a dead mount behind).
+4. ``pyfuse3.main`` returns on ``fusermount3 -u`` (the kernel ends the session) or after
+   ``terminate()``. Then ``fs.destroy()`` runs shielded, then ``pyfuse3.close(unmount=True)``.
+
+Exit codes: 0 clean unmount, 1 mount or runtime error, 2 usage error.
+
+pyfuse3 is used here only for init/main/terminate/close; requests go through ``bridge``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import resource
+import signal
+import stat
+import sys
+from collections.abc import Callable, Iterable
+
+import pyfuse3
+import trio
+
+from .bridge import Bridge
+from .fsapi import Filesystem
+from .options import UsageError, escape_fuse_option, parse_option
+
+log = logging.getLogger(__name__)
+
+#: pyfuse3 session tasks: each reads and serves one request at a time, and a new one is
+#: started only when none is waiting on /dev/fuse, so this is the bound on requests in
+#: flight (measured: 80 concurrent preads peak at exactly MAX_TASKS). Idle tasks beyond
+#: MIN_TASKS exit.
+MAX_TASKS = 64
+MIN_TASKS = 1
+#: Kernel-side cap on background requests (readahead, async direct I/O): pyfuse3 sends
+#: max_background=0 in INIT, which keeps the kernel's default of 12, too few for a queue
+#: depth of 16. Raised through fusectl when /sys/fs/fuse/connections is mounted.
+MAX_BACKGROUND = 64
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SIGNALS = (*_STOP_SIGNALS, signal.SIGUSR1)
+
+_OK = b"\x00"
+_FAIL = b"\x01"
+
+
+class QuietError(Exception):
+    """A user-facing failure: printed as ``prog: msg`` on one line, exit ``exitcode``."""
+
+    def __init__(self, msg: str, exitcode: int = 1) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.exitcode = exitcode
+
+
+def cli_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a CLI body, turning UsageError/QuietError into one stderr line and an exit code."""
+    try:
+        return body()
+    except (UsageError, QuietError) as e:
+        print(f"{prog}: {e.msg}", file=sys.stderr)
+        return e.exitcode
+
+
+def run(fs: Filesystem, mountpoint: str, fuse_options: Iterable[str], *, foreground: bool,
+        debug: bool, fsname: str) -> int:
+    """Mount ``fs`` on ``mountpoint`` and serve it until unmounted; returns the exit code.
+
+    ``fuse_options`` are libfuse options (``options.split_fuse_options``), passed as given
+    (pyfuse3's ``default_options`` are not added: the filesystem decides on
+    default_permissions). ``fsname`` is used unless the options carry one. Raises
+    QuietError for errors found before mounting. In background mode the parent returns 0
+    once the mount is live; the daemon never returns from here (it ``_exit``s).
+    """
+    setup_logging(debug)
+    raise_nofile_limit()
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint)
+    check_dev_fuse()
+    opts = {escape_fuse_option(o) for o in fuse_options}
+    if not any(parse_option(o)[0] == "fsname" for o in fuse_options):
+        opts.add(escape_fuse_option(f"fsname={fsname}"))
+    if foreground:
+        _install_early_signal_handlers()
+        return _serve(fs, mountpoint, opts, on_live=None)
+    return _daemonize(lambda on_live: _serve(fs, mountpoint, opts, on_live))
+
+
+# --- checks ------------------------------------------------------------------------------
+
+def setup_logging(debug: bool) -> None:
+    """Log to stderr; DEBUG (every request, via the bridge) with -d, else INFO."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d [%(process)d] %(name)s %(levelname)s: %(message)s",
+        "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: a stacked fs holds an fd per open file and
+    per cached inode."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise RLIMIT_NOFILE to %d: %s", target, e)
+
+
+def check_mountpoint(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise QuietError(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise QuietError(f"mountpoint {path} is a dead FUSE mount; "
+                             f"run 'fusermount3 -u {path}' first") from None
+        raise QuietError(f"cannot access mountpoint {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise QuietError(f"mountpoint {path} is not a directory")
+
+
+def check_dev_fuse() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise QuietError(f"cannot open /dev/fuse: {e.strerror} "
+                         "(is the fuse module loaded and the device accessible?)") from None
+    os.close(fd)
+
+
+# --- background mode ---------------------------------------------------------------------
+
+def _daemonize(serve: Callable[[Callable[[], None] | None], int]) -> int:
+    """Fork; the child runs ``serve(on_live)``. The parent returns 0 once the child calls
+    ``on_live`` (the mount is live) or raises QuietError with the child's message."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        return _wait_for_child(r, pid)
+
+    # Child. Never returns into the caller: the parent already speaks for the CLI.
+    os.close(r)
+    live = False
+    code = 1
+    try:
+        os.setsid()
+        os.chdir("/")
+        _install_early_signal_handlers()
+
+        def on_live() -> None:
+            nonlocal live
+            _detach_stdio()
+            os.write(w, _OK)
+            os.close(w)
+            live = True
+
+        code = serve(on_live)
+    except QuietError as e:
+        code = e.exitcode
+        if not live:
+            _report_failure(w, e.msg)
+    except BaseException as e:  # a bug: tell the parent rather than vanish
+        if not live:
+            _report_failure(w, f"daemon failed: {e!r}")
+        else:
+            log.exception("daemon failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _report_failure(w: int, msg: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(w, _FAIL + msg.encode(errors="replace"))
+        os.close(w)
+
+
+def _wait_for_child(r: int, pid: int) -> int:
+    chunks = []
+    while True:
+        data = os.read(r, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(r)
+    status = b"".join(chunks)
+    if status == _OK:
+        return 0
+    # The child failed: reap it so no zombie outlives the CLI.
+    _, wstatus = os.waitpid(pid, 0)
+    if status.startswith(_FAIL):
+        raise QuietError(status[1:].decode(errors="replace"), 1)
+    raise QuietError(f"daemon exited before the mount was live "
+                     f"(wait status {wstatus:#x})", 1)
+
+
+def _detach_stdio() -> None:
+    """stdin/stdout/stderr to /dev/null: writes to them (logging) must keep working.
+    WARNING and above also go to syslog when there is one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    if os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("backingfs[%(process)d]: %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+
+# --- serving -----------------------------------------------------------------------------
+
+_early_signals: list[int] = []
+
+
+def _install_early_signal_handlers() -> None:
+    """Record signals arriving before the trio loop listens (see module docstring, 3.)."""
+    for sig in _SIGNALS:
+        signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
+
+
+def _serve(fs: Filesystem, mountpoint: str, options: set[str],
+           on_live: Callable[[], None] | None) -> int:
+    bridge = Bridge(fs)
+    log.debug("mounting on %s with options %s", mountpoint, sorted(options))
+    try:
+        pyfuse3.init(bridge, mountpoint, options)
+    except RuntimeError as e:
+        raise QuietError(f"cannot mount on {mountpoint}: {e}") from None
+    code = 1
+    try:
+        if on_live is not None:
+            on_live()
+        code = trio.run(_session, fs, bridge, mountpoint)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("pyfuse3.close failed")
+            code = 1
+    log.info("unmounted %s", mountpoint)
+    return code
+
+
+async def _session(fs: Filesystem, bridge: Bridge, mountpoint: str) -> int:
+    code = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_handle_signals, fs)
+            bridge.init_hooks.append(
+                lambda: nursery.start_soon(_tune_connection, mountpoint))
+            log.info("serving %s", mountpoint)
+            try:
+                await pyfuse3.main(MIN_TASKS, MAX_TASKS)
+            except Exception:
+                log.exception("FUSE session loop failed")
+                code = 1
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await fs.destroy()
+            except Exception:
+                log.exception("filesystem destroy() failed")
+                code = 1
+    return code
+
+
+async def _handle_signals(fs: Filesystem, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
+        task_status.started()
+        while _early_signals:
+            _on_signal(fs, _early_signals.pop(0))
+        async for signum in signals:
+            _on_signal(fs, signum)
+
+
+def _on_signal(fs: Filesystem, signum: int) -> None:
+    if signum == signal.SIGUSR1:
+        try:
+            log.info("statistics: %s", fs.statistics())
+        except Exception:
+            log.exception("statistics() failed")
+        return
+    log.info("%s received: unmounting", signal.Signals(signum).name)
+    pyfuse3.terminate()
+
+
+async def _tune_connection(mountpoint: str) -> None:
+    """Raise the kernel's max_background for this connection, best effort: needs fusectl
+    mounted on /sys/fs/fuse/connections. Runs after the INIT reply, which would reset it."""
+    conn = _connection_id(mountpoint)
+    if conn is None:
+        return
+    base = f"/sys/fs/fuse/connections/{conn}"
+    for name, value in (("max_background", MAX_BACKGROUND),
+                        ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
+        try:
+            with open(f"{base}/{name}", "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            log.debug("cannot set %s/%s: %s", base, name, e)
+            return
+
+
+def _connection_id(mountpoint: str) -> int | None:
+    # From mountinfo, not stat(): a stat of our own mount would wait on ourselves.
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in reversed(lines):  # the newest mount on a path is listed last
+        fields = line.split()
+        if len(fields) > 4 and _unescape_mountinfo(fields[4]) == mountpoint:
+            major, minor = (int(x) for x in fields[2].split(":"))
+            return (major << 20) | minor
+    return None
+
+
+def _unescape_mountinfo(s: str) -> str:
+    # mountinfo octal-escapes space, tab, newline and backslash.
+    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        s = s.replace(code, ch)
+    return s

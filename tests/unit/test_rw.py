@@ -1,0 +1,254 @@
+"""The awaitable read/write helpers under load: append, the NOWAIT fast path, extending
+writes racing stats, release draining in-flight writes, and fd/aio leaks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from backingfs import rw
+from backingfs.aio import live_aios
+from backingfs.attrs import Attr, AttrCache
+from backingfs.backing_file import BackingFile
+from backingfs.context import BackingFileCtx
+from backingfs.flags import IocbFlags
+from backingfs.inflight import InFlight
+from backingfs.request import Request
+from backingfs.workers import Workers
+
+
+class Stacked:
+    def __init__(self) -> None:
+        self.attrs = AttrCache()
+        self.versions: list[int] = []
+
+
+def end_write_grows(h: Stacked, pos: int, res: int) -> None:
+    if res > 0:
+        h.attrs.grow_size(pos)
+        h.versions.append(h.attrs.version)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_append_lands_at_eof_without_o_append(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"0123456789")
+    file = BackingFile.open(p, os.O_RDWR | os.O_APPEND)
+    assert not fcntl.fcntl(file.fd, fcntl.F_GETFL) & os.O_APPEND
+    req = Request(Stacked(), 0, IocbFlags.APPEND)
+    assert rw.write_iter(file, b"ab", req, BackingFileCtx()) == 2
+    assert req.pos == 12
+    os.pwrite(file.fd, b"Z", 0)  # a plain write still honours its offset on this fd
+
+    async def queued() -> None:
+        req2 = Request(Stacked(), 3, IocbFlags.APPEND)
+        assert await rw.write(file, b"cd", req2, BackingFileCtx()) == 2
+        assert req2.pos == 14
+
+    trio.run(queued)
+    assert p.read_bytes() == b"Z123456789abcd"
+    file.put()
+
+
+def test_nowait_fast_path_cached_stays_on_loop_uncached_goes_to_worker(tmp_path: Path) -> None:
+    p = tmp_path / "big"
+    data = os.urandom(1 << 20)
+    p.write_bytes(data)
+    workers = Workers(max_threads=2)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDONLY)
+        os.pread(file.fd, len(data), 0)  # cached
+        before = workers.statistics().queued
+        got = await rw.read(file, 65536, Request(Stacked(), 4096), BackingFileCtx(),
+                            workers=workers)
+        assert bytes(got) == data[4096:4096 + 65536]
+        assert workers.statistics().queued == before  # served on the loop thread
+
+        os.fsync(file.fd)
+        os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        got = await rw.read(file, 65536, Request(Stacked(), 512 * 1024), BackingFileCtx(),
+                            workers=workers)
+        assert bytes(got) == data[512 * 1024:512 * 1024 + 65536]
+        assert workers.statistics().queued == before + 1  # EAGAIN -> worker thread
+
+        # a read across EOF returns the short tail (not a spurious fallback or error)
+        got = await rw.read(file, 8192, Request(Stacked(), len(data) - 100), BackingFileCtx(),
+                            workers=workers)
+        assert bytes(got) == data[-100:]
+        file.put()
+
+    trio.run(main)
+    workers.shutdown()
+
+
+def test_1000_concurrent_extending_writes_keep_size_and_monotonic_version(tmp_path: Path) -> None:
+    p = tmp_path / "grow"
+    p.write_bytes(b"")
+    rng = random.Random(1234)
+    writes = [(rng.randrange(0, 4 << 20), rng.randrange(1, 4096)) for _ in range(1000)]
+    stacked = Stacked()
+    ctx = BackingFileCtx(end_write=end_write_grows)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        io = InFlight()
+
+        async def one(off: int, n: int) -> None:
+            assert await rw.write(file, b"w" * n, Request(stacked, off), ctx, io=io) == n
+
+        async def stat_racer() -> None:
+            # getattr-style: read the version, stat off the loop, merge
+            for _ in range(200):
+                v = stacked.attrs.version
+                st = await trio.to_thread.run_sync(os.fstat, file.fd)
+                stacked.attrs.merge(Attr.from_stat(st), v)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stat_racer)
+            for off, n in writes:
+                nursery.start_soon(one, off, n)
+        await io.wait_drained()
+        backing = os.fstat(file.fd).st_size
+        assert backing == max(off + n for off, n in writes)
+        assert stacked.attrs.size == backing
+        assert stacked.versions == sorted(stacked.versions)
+        assert len(set(stacked.versions)) == len(stacked.versions) == 1000
+        file.put()
+
+    trio.run(main)
+    assert live_aios() == 0
+
+
+class GatedWorkers:
+    """Real threads that hold every request at a gate until the test opens it."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.inner = Workers(max_threads=64)
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        def gated() -> None:
+            self.gate.wait()
+            fn()
+
+        self.inner.submit(gated)
+
+
+def test_release_waits_for_50_delayed_writes_and_loses_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    workers = GatedWorkers()
+    order: list[str] = []
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        fd = file.fd
+        handle_io = InFlight()
+        stacked = Stacked()
+        ctx = BackingFileCtx(end_write=end_write_grows)
+
+        async def writer(i: int) -> None:
+            await rw.write(file, bytes([65 + i % 26]) * 100, Request(stacked, i * 100), ctx,
+                           io=handle_io, workers=workers)  # type: ignore[arg-type]
+
+        async def release() -> None:
+            with trio.CancelScope(shield=True):
+                await handle_io.wait_drained()
+            order.append(f"released with {handle_io.count} in flight")
+            file.put()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(writer, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert handle_io.count == 50
+            nursery.start_soon(release)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == []  # release is waiting
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(p)
+            order.append("gate opened")
+            workers.gate.set()
+        assert order == ["gate opened", "released with 0 in flight"]
+        assert stacked.attrs.size == 5000
+
+    try:
+        trio.run(main)
+    finally:
+        workers.gate.set()  # never leave a worker parked at the gate: it would hang exit
+        workers.inner.shutdown()
+    assert p.read_bytes() == b"".join(bytes([65 + i % 26]) * 100 for i in range(50))
+    assert live_aios() == 0
+
+
+def test_fd_count_returns_to_baseline_after_10000_mixed_requests(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(1 << 16))
+    rng = random.Random(99)
+    workers = GatedWorkers()
+    workers.gate.set()
+    baseline = fd_count()
+
+    async def main() -> None:
+        mount_io = InFlight()
+        stacked = Stacked()
+        ctx = BackingFileCtx(end_write=end_write_grows)
+        cancelled = 0
+        for _round in range(100):
+            rw_file = BackingFile.open(p, os.O_RDWR)
+            ro_file = BackingFile.open(p, os.O_RDONLY)
+            io = InFlight(parent=mount_io)
+            async with trio.open_nursery() as nursery:
+                for _ in range(100):
+                    kind = rng.randrange(6)
+                    off = rng.randrange(0, 1 << 16)
+                    if kind == 0:  # sync read
+                        rw.read_iter(rw_file, bytearray(512), Request(stacked, off), ctx)
+                    elif kind == 1:  # sync write
+                        rw.write_iter(rw_file, b"s" * 64, Request(stacked, off), ctx)
+                    elif kind == 2:  # queued read
+                        nursery.start_soon(_read, rw_file, off, stacked, ctx, io, workers)
+                    elif kind == 3:  # queued write
+                        nursery.start_soon(_write, rw_file, off, stacked, ctx, io, workers)
+                    elif kind == 4:  # failed write (read-only fd)
+                        nursery.start_soon(_write, ro_file, off, stacked, ctx, io, workers)
+                    else:  # cancelled while queued: the caller stops waiting, I/O goes on
+                        with trio.CancelScope() as scope:
+                            scope.cancel()
+                            await rw.write(rw_file, b"c" * 64, Request(stacked, off), ctx,
+                                           io=io, workers=workers)  # type: ignore[arg-type]
+                        cancelled += scope.cancelled_caught
+            with trio.CancelScope(shield=True):
+                await io.wait_drained()
+            rw_file.put()
+            ro_file.put()
+        await mount_io.wait_drained()
+        assert cancelled > 0
+
+    trio.run(main)
+    workers.inner.shutdown()
+    assert live_aios() == 0
+    assert fd_count() == baseline
+
+
+async def _read(file: BackingFile, off: int, stacked: Stacked, ctx: BackingFileCtx,
+                io: InFlight, workers: GatedWorkers) -> None:
+    await rw.read(file, 512, Request(stacked, off), ctx, io=io, workers=workers)  # type: ignore[arg-type]
+
+
+async def _write(file: BackingFile, off: int, stacked: Stacked, ctx: BackingFileCtx,
+                 io: InFlight, workers: GatedWorkers) -> None:
+    try:
+        await rw.write(file, b"q" * 64, Request(stacked, off), ctx, io=io, workers=workers)  # type: ignore[arg-type]
+    except OSError:
+        pass
