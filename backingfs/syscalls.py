@@ -1,0 +1,97 @@
+"""Syscalls Python's os module lacks or hides, for objects reached through O_PATH fds.
+
+Both filesystems reach backing objects by O_PATH fds and ``*at`` calls relative to a parent
+fd with O_NOFOLLOW (DESIGN §2), so a symlink in a source or layer never leads outside it.
+Operations that need a real open or a path use the fd's ``/proc/self/fd/N`` magic link,
+*followed*: following it lands on the fd's own object and stops there, even when that
+object is a symlink.
+
+All functions block (call them from a worker when they may touch the disk) and raise
+OSError with the syscall's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
+                            ctypes.c_int]
+
+
+def _check(ret: int, what: str, name: bytes | None = None) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", name)
+
+
+def proc_path(fd: int) -> str:
+    """The magic link of ``fd``; follow it to act on the fd's own object."""
+    return f"/proc/self/fd/{fd}"
+
+
+def open_path(dir_fd: int, name: bytes) -> int:
+    """``openat(dir_fd, name, O_PATH|O_NOFOLLOW)``: the object itself, never a symlink's target.
+
+    ``name`` must be one path component; ``/`` in it is EINVAL (no walk can leave the tree).
+    """
+    check_name(name)
+    return os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names that are not a single component (the kernel never sends them)."""
+    if not name or b"/" in name or b"\0" in name:
+        raise OSError(errno.EINVAL, "invalid name", name)
+    if len(name) > 255:
+        raise OSError(errno.ENAMETOOLONG, "name too long", name)
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
+    """renameat2(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    _check(_libc.renameat2(old_dir, old, new_dir, new, flags), "renameat2", old)
+
+
+def utimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set the times of the object behind (O_PATH) ``fd``; ``None`` leaves one alone
+    (UTIME_OMIT), which ``os.utime`` cannot express. Works on symlinks too."""
+    def ts(ns: int | None) -> _Timespec:
+        if ns is None:
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+    times = (_Timespec * 2)(ts(atime_ns), ts(mtime_ns))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH), "utimensat")
+
+
+def reopen(fd: int, flags: int, mode: int = 0) -> int:
+    """Open the object behind an O_PATH ``fd`` with real access ``flags`` (never O_CREAT)."""
+    return os.open(proc_path(fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+                   | os.O_CLOEXEC, mode)
+
+
+def fstat(fd: int) -> os.stat_result:
+    """fstat that also works on O_PATH fds of symlinks (fstatat AT_EMPTY_PATH)."""
+    return os.stat(fd)
