@@ -423,3 +423,32 @@ class Pyfuse3Notifier:
             # ENOENT: the kernel does not hold the inode, nothing to invalidate.
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.warning("invalidate_inode(%d) failed: %s", ino, e)
+
+
+class Pyfuse3Session:
+    """The pyfuse3 front-end's session control: mount, serve, terminate, unmount.
+
+    Kept here so that the bridge stays the only module that touches pyfuse3; the runner
+    drives a session without knowing which front-end it is (a native /dev/fuse session
+    can offer the same four calls, DESIGN §7).
+    """
+
+    def __init__(self, fs: fsapi.Filesystem) -> None:
+        self.ops = Bridge(fs)
+
+    def mount(self, mountpoint: str, options: set[str]) -> None:
+        """Mount; raises OSError(EIO, libfuse's message) when libfuse refuses."""
+        try:
+            pyfuse3.init(self.ops, mountpoint, options)
+        except RuntimeError as e:
+            raise OSError(errno.EIO, str(e)) from None
+
+    async def serve(self, min_tasks: int, max_tasks: int) -> None:
+        """Serve requests until unmounted (``fusermount3 -u``) or ``terminate()``."""
+        await pyfuse3.main(min_tasks, max_tasks)
+
+    def terminate(self) -> None:
+        pyfuse3.terminate()
+
+    def unmount(self) -> None:
+        pyfuse3.close(unmount=True)

@@ -19,7 +19,8 @@
 
 Exit codes: 0 clean unmount, 1 mount or runtime error, 2 usage error.
 
-pyfuse3 is used here only for init/main/terminate/close; requests go through ``bridge``.
+The runner never imports pyfuse3: it drives a ``bridge.Pyfuse3Session`` (mount, serve,
+terminate, unmount), so another front-end can slot in behind the same four calls.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ import stat
 import sys
 from collections.abc import Callable, Iterable
 
-import pyfuse3
 import trio
 
-from .bridge import Bridge
+from .bridge import Pyfuse3Session
 from .fsapi import Filesystem
 from .options import UsageError, escape_fuse_option, parse_option
 
@@ -257,37 +257,37 @@ def _install_early_signal_handlers() -> None:
 
 def _serve(fs: Filesystem, mountpoint: str, options: set[str],
            on_live: Callable[[], None] | None) -> int:
-    bridge = Bridge(fs)
+    session = Pyfuse3Session(fs)
     log.debug("mounting on %s with options %s", mountpoint, sorted(options))
     try:
-        pyfuse3.init(bridge, mountpoint, options)
-    except RuntimeError as e:
-        raise QuietError(f"cannot mount on {mountpoint}: {e}") from None
+        session.mount(mountpoint, options)
+    except OSError as e:
+        raise QuietError(f"cannot mount on {mountpoint}: {e.strerror}") from None
     code = 1
     try:
         if on_live is not None:
             on_live()
-        code = trio.run(_session, fs, bridge, mountpoint)
+        code = trio.run(_session, fs, session, mountpoint)
     finally:
         try:
-            pyfuse3.close(unmount=True)
+            session.unmount()
         except Exception:
-            log.exception("pyfuse3.close failed")
+            log.exception("unmount failed")
             code = 1
     log.info("unmounted %s", mountpoint)
     return code
 
 
-async def _session(fs: Filesystem, bridge: Bridge, mountpoint: str) -> int:
+async def _session(fs: Filesystem, session: Pyfuse3Session, mountpoint: str) -> int:
     code = 0
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(_handle_signals, fs)
-            bridge.init_hooks.append(
+            await nursery.start(_handle_signals, fs, session)
+            session.ops.init_hooks.append(
                 lambda: nursery.start_soon(_tune_connection, mountpoint))
             log.info("serving %s", mountpoint)
             try:
-                await pyfuse3.main(MIN_TASKS, MAX_TASKS)
+                await session.serve(MIN_TASKS, MAX_TASKS)
             except Exception:
                 log.exception("FUSE session loop failed")
                 code = 1
@@ -302,18 +302,18 @@ async def _session(fs: Filesystem, bridge: Bridge, mountpoint: str) -> int:
     return code
 
 
-async def _handle_signals(fs: Filesystem, *,
+async def _handle_signals(fs: Filesystem, session: Pyfuse3Session, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         task_status.started()
         while _early_signals:
-            _on_signal(fs, _early_signals.pop(0))
+            _on_signal(fs, session, _early_signals.pop(0))
         async for signum in signals:
-            _on_signal(fs, signum)
+            _on_signal(fs, session, signum)
 
 
-def _on_signal(fs: Filesystem, signum: int) -> None:
+def _on_signal(fs: Filesystem, session: Pyfuse3Session, signum: int) -> None:
     if signum == signal.SIGUSR1:
         try:
             log.info("statistics: %s", fs.statistics())
@@ -321,7 +321,7 @@ def _on_signal(fs: Filesystem, signum: int) -> None:
             log.exception("statistics() failed")
         return
     log.info("%s received: unmounting", signal.Signals(signum).name)
-    pyfuse3.terminate()
+    session.terminate()
 
 
 async def _tune_connection(mountpoint: str) -> None:
