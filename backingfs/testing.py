@@ -9,16 +9,25 @@ always exercise this checkout.
 - ``force_cleanup()``: always safe, idempotent; lazy unmount, then SIGTERM and SIGKILL of
   *only* the daemon pid this Mount knows (never a process found by name).
 A fixture calls ``unmount_clean()`` on success and ``force_cleanup()`` in ``finally``.
+
+``Target`` / ``TargetMount`` / ``TARGETS`` name the kinds of stacked directory the behaviour
+battery and the benchmarks run on (native, passthru, kernel-overlay, ...): ``start(base)``
+builds one, ``.root`` is where to work, ``close()`` tears it down.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 #: The directory holding the backingfs/, passthru/ and overlay/ packages.
@@ -191,3 +200,204 @@ def find_daemon_pid(marker: str) -> int | None:
         if any(marker.encode() in arg for arg in cmdline) and _pid_alive(int(entry)):
             return int(entry)
     return None
+
+
+# --- Targets: what the behaviour battery (tests/behaviour) and the benchmarks run on ------
+#
+# A *target* is one way of presenting a directory: a plain directory, passthru over a source,
+# kernel overlayfs, ... ``Target.start(base)`` builds it under ``base`` and returns a
+# ``TargetMount`` whose ``root`` is the stacked directory tests work in. A new target is a
+# subclass naming itself, saying why it cannot run here (``unavailable``), and building its
+# mount; ``register`` adds it to ``TARGETS``.
+
+
+class TargetMount:
+    """A started target. ``root`` is where tests work; ``data`` is the directory holding the
+    same tree *behind* the mount (passthru's source, an overlay's lower layer), or None when a
+    tree must be written through ``root``. ``close()`` is always safe and idempotent."""
+
+    def __init__(self, root: Path, data: Path | None = None) -> None:
+        self.root = root
+        self.data = data
+
+    def workdir(self, name: str, tree: dict[str, bytes | None] | None = None) -> Path:
+        """A fresh directory ``name`` for one test, holding ``tree`` (``{"d/": None,
+        "d/f": b"data"}``; a key ending in ``/`` is a directory), written behind the mount
+        when the target has ``data`` so the test meets it as pre-existing."""
+        base = self.data if self.data is not None else self.root
+        top = base / name
+        top.mkdir()
+        for rel, content in sorted((tree or {}).items()):
+            path = top / rel
+            if rel.endswith("/"):
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content or b"")
+        return self.root / name
+
+    def check_alive(self) -> str | None:
+        """None while the target still serves ``root``, else why not (a dead daemon)."""
+        return None
+
+    def close(self) -> None:
+        """Unmount and stop what ``start`` started; raises if that was not clean, but leaves
+        nothing mounted or running either way."""
+
+
+class Target:
+    """One kind of stacked directory. ``per_test`` asks for a new mount for every test
+    (for targets whose backing tree may not change under a live mount)."""
+
+    name: str = ""
+    per_test: bool = False
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run on this machine, or None."""
+        return None
+
+    def start(self, base: Path) -> TargetMount:
+        """Build the target under the existing, empty directory ``base``."""
+        raise NotImplementedError
+
+
+#: Every known target by name, in the order the battery runs them.
+TARGETS: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    TARGETS[target.name] = target
+    return target
+
+
+class NativeTarget(Target):
+    """A plain directory: the reference every other target is measured against."""
+
+    name = "native"
+
+    def start(self, base: Path) -> TargetMount:
+        root = base / "root"
+        root.mkdir(mode=0o755)
+        return TargetMount(root)
+
+
+class FuseTargetMount(TargetMount):
+    """A target served by one of our daemons (a ``Mount`` we started)."""
+
+    def __init__(self, root: Path, data: Path | None, mount: Mount) -> None:
+        super().__init__(root, data)
+        self.mount = mount
+        self.stderr_seen = 0
+
+    def check_alive(self) -> str | None:
+        """Also a failure: a traceback logged since the last check (an internal error the
+        daemon survived by answering EIO)."""
+        text = self.mount.stderr_text()
+        new, self.stderr_seen = text[self.stderr_seen:], len(text)
+        if self.mount._exited() or not is_fuse_mounted(self.mount.mountpoint):
+            return f"daemon {self.mount.pid} died or unmounted {self.mount.mountpoint}:\n{text}"
+        if "Traceback" in new:
+            return f"daemon {self.mount.pid} logged a traceback:\n{new}"
+        return None
+
+    def close(self) -> None:
+        try:
+            if not self.mount._exited():
+                self.mount.unmount_clean()
+        finally:
+            self.mount.force_cleanup()
+
+
+def start_fuse_target(argv: list[str], mountpoint: Path, root: Path | None = None,
+                      data: Path | None = None, timeout: float = 10.0) -> FuseTargetMount:
+    """Start a daemon from ``argv`` and wait for its mount; on failure nothing is left."""
+    mount = start_daemon(argv, str(mountpoint))
+    try:
+        mount.wait_live(timeout)
+    except BaseException:
+        mount.force_cleanup()
+        raise
+    return FuseTargetMount(root or mountpoint, data, mount)
+
+
+def fuse_unavailable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 on PATH"
+    return None
+
+
+class PassthruTarget(Target):
+    """passthru over ``base/source``, mounted through its real CLI."""
+
+    name = "passthru"
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("passthru.cli") is None:
+            return "passthru is not written yet (no passthru.cli module for python -m passthru)"
+        return fuse_unavailable()
+
+    def start(self, base: Path) -> TargetMount:
+        source, mnt = base / "source", base / "mnt"
+        source.mkdir(mode=0o755)
+        mnt.mkdir()
+        return start_fuse_target(
+            cli_argv("passthru", "-f", "-o", "allow_other", str(source), str(mnt)), mnt,
+            data=source)
+
+
+class KernelOverlayTarget(Target):
+    """Kernel overlayfs (one lower, one upper) with the tree written through the mount:
+    the oracle the overlay targets are compared with."""
+
+    name = "kernel-overlay"
+
+    def unavailable(self) -> str | None:
+        if os.geteuid() != 0:
+            return "mounting kernel overlayfs needs root"
+        return None
+
+    def start(self, base: Path) -> TargetMount:
+        dirs = {n: base / n for n in ("lower", "upper", "work", "mnt")}
+        for d in dirs.values():
+            d.mkdir(mode=0o755)
+        opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["mnt"])],
+                       check=True, capture_output=True)
+        return KernelMount(dirs["mnt"])
+
+
+class KernelMount(TargetMount):
+    """A mount made with mount(8): no daemon; unmount, then lazily if busy."""
+
+    def check_alive(self) -> str | None:
+        if mount_fstype(str(self.root)) is None:
+            return f"{self.root} is no longer mounted"
+        return None
+
+    def close(self) -> None:
+        if mount_fstype(str(self.root)) is None:
+            return
+        r = subprocess.run(["umount", str(self.root)], capture_output=True)
+        if r.returncode != 0 and mount_fstype(str(self.root)) is not None:
+            subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
+            raise RuntimeError(f"umount {self.root} failed (lazily unmounted): "
+                               f"{r.stderr.decode(errors='replace').strip()}")
+
+
+for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget()):
+    register(_target)
+
+
+@contextlib.contextmanager
+def raises_errno(code: int) -> Iterator[None]:
+    """Assert that the block raises OSError with errno ``code`` (named in the failure)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != code:
+            raise AssertionError(f"expected {errno.errorcode[code]}, got "
+                                 f"{errno.errorcode.get(e.errno or 0, e.errno)}: {e}") from e
+    else:
+        raise AssertionError(f"expected OSError {errno.errorcode[code]}, nothing raised")

@@ -68,7 +68,9 @@ def test_nowait_fast_path_cached_stays_on_loop_uncached_goes_to_worker(tmp_path:
 
     async def main() -> None:
         file = BackingFile.open(p, os.O_RDONLY)
-        os.pread(file.fd, len(data), 0)  # cached
+        # Cached and clean: a page under writeback is locked, and NOWAIT would say EAGAIN.
+        os.fsync(file.fd)
+        os.pread(file.fd, len(data), 0)
         before = workers.statistics().queued
         got = await rw.read(file, 65536, Request(Stacked(), 4096), BackingFileCtx(),
                             workers=workers)

@@ -1,0 +1,175 @@
+"""Permission checks for an unprivileged caller (uid/gid 65534) on objects root made.
+
+The unprivileged side runs in a child under ``setpriv``: real and effective ids 65534, no
+supplementary groups, no capabilities. Its outcomes come back as errno names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                       reason="needs root and setpriv to act as another user"),
+]
+
+NOBODY = 65534
+
+_PRELUDE = """
+import errno, json, os, sys
+out = {}
+def attempt(key, fn, *args, **kwargs):
+    try:
+        value = fn(*args, **kwargs)
+    except OSError as e:
+        out[key] = errno.errorcode[e.errno]
+    else:
+        out[key] = value.decode() if isinstance(value, bytes) else "ok"
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+def write(path, data, flags=os.O_WRONLY):
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+"""
+
+
+def as_nobody(code: str) -> dict[str, str]:
+    """Run ``code`` (using ``attempt(key, fn, *args)``) as uid/gid 65534; the outcomes."""
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            sys.executable, "-I", "-c", _PRELUDE + code + "\nprint(json.dumps(out))"]
+    r = subprocess.run(argv, capture_output=True, cwd="/", timeout=30)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return json.loads(r.stdout)
+
+
+def test_nobody_reads_only_what_modes_allow(fs: Path) -> None:
+    (fs / "secret").write_bytes(b"root only")
+    os.chmod(fs / "secret", 0o600)
+    (fs / "public").write_bytes(b"for all")
+    os.chmod(fs / "public", 0o644)
+    os.mkdir(fs / "closed", 0o700)
+    (fs / "closed" / "f").write_bytes(b"hidden")
+    os.chmod(fs / "closed" / "f", 0o644)
+    out = as_nobody(f"""
+d = {str(fs)!r}
+attempt("read_secret", read, d + "/secret")
+attempt("read_public", read, d + "/public")
+attempt("write_public", write, d + "/public", b"x")
+attempt("stat_in_closed", os.stat, d + "/closed/f")
+attempt("list_closed", os.listdir, d + "/closed")
+out["access_secret"] = str(os.access(d + "/secret", os.R_OK))
+out["access_public"] = str(os.access(d + "/public", os.R_OK))
+""")
+    assert out == {"read_secret": "EACCES", "read_public": "for all",
+                   "write_public": "EACCES", "stat_in_closed": "EACCES",
+                   "list_closed": "EACCES", "access_secret": "False",
+                   "access_public": "True"}
+    assert (fs / "public").read_bytes() == b"for all"
+
+
+def test_nobody_creates_objects_it_owns(fs: Path) -> None:
+    os.mkdir(fs / "shared")
+    os.chmod(fs / "shared", 0o777)
+    out = as_nobody(f"""
+d = {str(fs / "shared")!r}
+attempt("create", write, d + "/file", b"mine", os.O_CREAT | os.O_WRONLY)
+attempt("mkdir", os.mkdir, d + "/dir")
+attempt("symlink", os.symlink, "file", d + "/link")
+attempt("mkfifo", os.mkfifo, d + "/fifo")
+attempt("chmod_own", os.chmod, d + "/file", 0o600)
+attempt("read_own", read, d + "/file")
+""")
+    assert out == {"create": "ok", "mkdir": "ok", "symlink": "ok", "mkfifo": "ok",
+                   "chmod_own": "ok", "read_own": "mine"}
+    for name in ("file", "dir", "link", "fifo"):
+        st = os.lstat(fs / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), name
+    assert stat.S_IMODE(os.stat(fs / "shared" / "file").st_mode) == 0o600
+
+
+def test_nobody_cannot_change_roots_file(fs: Path) -> None:
+    os.mkdir(fs / "shared")
+    os.chmod(fs / "shared", 0o777)
+    (fs / "shared" / "rootfile").write_bytes(b"r")
+    os.chmod(fs / "shared" / "rootfile", 0o666)
+    out = as_nobody(f"""
+d = {str(fs / "shared")!r}
+attempt("chmod", os.chmod, d + "/rootfile", 0o777)
+attempt("chown", os.chown, d + "/rootfile", {NOBODY}, {NOBODY})
+attempt("utime_explicit", os.utime, d + "/rootfile", ns=(1, 1))
+attempt("utime_now", os.utime, d + "/rootfile")
+attempt("setxattr", os.setxattr, d + "/rootfile", "user.x", b"1")
+write(d + "/own", b"", os.O_CREAT | os.O_WRONLY)
+attempt("chown_own_to_root", os.chown, d + "/own", 0, 0)
+attempt("chgrp_own_to_root", os.chown, d + "/own", -1, 0)
+""")
+    assert out == {"chmod": "EPERM", "chown": "EPERM", "utime_explicit": "EPERM",
+                   "utime_now": "ok", "setxattr": "ok", "chown_own_to_root": "EPERM",
+                   "chgrp_own_to_root": "EPERM"}
+    st = os.stat(fs / "shared" / "rootfile")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o666, 0)
+
+
+def test_nobody_cannot_write_into_roots_dir(fs: Path) -> None:
+    os.mkdir(fs / "ro", 0o755)
+    os.chmod(fs / "ro", 0o755)
+    (fs / "ro" / "f").write_bytes(b"f")
+    # Writable by all, so protected_hardlinks lets the link attempt reach the dir check.
+    os.chmod(fs / "ro" / "f", 0o666)
+    os.mkdir(fs / "ro" / "sub")
+    out = as_nobody(f"""
+d = {str(fs / "ro")!r}
+attempt("create", write, d + "/new", b"", os.O_CREAT | os.O_WRONLY)
+attempt("mkdir", os.mkdir, d + "/newdir")
+attempt("unlink", os.unlink, d + "/f")
+attempt("rmdir", os.rmdir, d + "/sub")
+attempt("rename", os.rename, d + "/f", d + "/g")
+attempt("symlink", os.symlink, "f", d + "/l")
+attempt("link", os.link, d + "/f", d + "/h")
+""")
+    assert out == {"create": "EACCES", "mkdir": "EACCES", "unlink": "EACCES",
+                   "rmdir": "EACCES", "rename": "EACCES", "symlink": "EACCES",
+                   "link": "EACCES"}
+    assert sorted(os.listdir(fs / "ro")) == ["f", "sub"]
+
+
+def test_sticky_directory(fs: Path) -> None:
+    os.mkdir(fs / "tmp")
+    os.chmod(fs / "tmp", 0o1777)
+    (fs / "tmp" / "rootfile").write_bytes(b"")
+    os.chmod(fs / "tmp" / "rootfile", 0o666)
+    out = as_nobody(f"""
+d = {str(fs / "tmp")!r}
+attempt("unlink_root", os.unlink, d + "/rootfile")
+attempt("rename_root", os.rename, d + "/rootfile", d + "/x")
+attempt("create_own", write, d + "/own", b"", os.O_CREAT | os.O_WRONLY)
+attempt("unlink_own", os.unlink, d + "/own")
+""")
+    assert out == {"unlink_root": "EPERM", "rename_root": "EPERM", "create_own": "ok",
+                   "unlink_own": "ok"}
+    assert os.listdir(fs / "tmp") == ["rootfile"]
+
+
+def test_write_by_non_owner_clears_setuid(fs: Path) -> None:
+    (fs / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(fs / "suid", 0o6777)
+    out = as_nobody(f"""
+attempt("write", write, {str(fs / "suid")!r}, b"X")
+""")
+    assert out == {"write": "ok"}
+    # set-group-ID with group-execute is cleared too, for a caller outside the group.
+    assert stat.S_IMODE(os.stat(fs / "suid").st_mode) == 0o777
+    assert (fs / "suid").read_bytes() == b"X!/bin/sh\n"
