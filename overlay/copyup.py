@@ -1,0 +1,166 @@
+"""Copy-up: give a lower object an upper copy, built in work/ and published by one rename.
+
+``copy_up(sb, inode)`` (reference §B.6, the kernel's ``copy_up.c``):
+
+1. parents first: the parent directory is copied up (recursively) before the child;
+2. one copy-up per inode: ``inode.copy_up_lock``, and "already up?" re-checked after it;
+3. in a worker thread, in ``workdir/work/#TMP``: the object (data via
+   ``backingfs.copyfile.copy_data``: reflink, copy_file_range over data extents, holes
+   kept; only the first ``size`` bytes when a truncate asked for it), fsync unless the
+   mount does not sync, then xattrs (all but overlay-private ones; EOPNOTSUPP skipped
+   only for names outside security.* and system.*), our origin record, owner, mode (after
+   chown, which clears set-id bits), atime/mtime;
+4. ``renameat2(work/#TMP, parent_upper/NAME, RENAME_NOREPLACE)``: the copy appears whole or
+   not at all, and a crash leaves junk only in work/ (emptied at mount);
+5. the parent's atime/mtime are put back; the inode's ``upper`` is set.
+
+The origin record (xattrs.origin_name) is the st_ino the object had, so st_ino survives
+copy-up and remounts. As the kernel does, it is not written for a file with more than one
+link (the copy breaks the hard link, and two uppers must not claim one number): that inode
+is marked stale so the other names, and the copied name, get inodes of their own.
+
+Handles opened before the copy-up notice it on their next I/O (file.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from backingfs import xattrs as bxattrs
+from backingfs.copyfile import copy_data
+from backingfs.syscalls import RENAME_NOREPLACE, open_path, renameat2, reopen, utimens
+
+from . import xattrs as oxattrs
+from .entry import OvlInode
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+#: Xattr namespaces that must copy, or the copy-up fails (reference §B.6 step 4).
+_MANDATORY_XATTRS = (b"security.", b"system.")
+
+
+async def copy_up(sb: Superblock, inode: OvlInode, *, size: int | None = None) -> None:
+    """Make sure ``inode`` has an upper object. ``size``: the caller will truncate to it
+    (an O_TRUNC open or truncate), so no more data than that is copied. EROFS on a
+    read-only mount."""
+    if inode.upper is not None:
+        return
+    if sb.is_read_only:
+        raise OSError(errno.EROFS, "read-only overlay")
+    parent = inode.parent
+    if parent is None:
+        raise OSError(errno.ESTALE, "copy-up of an inode without a parent")
+    await copy_up(sb, parent)
+    async with inode.copy_up_lock:
+        if inode.upper is not None:
+            return
+        assert parent.upper is not None and inode.lowers
+        origin = inode.key if isinstance(inode.key, int) else None
+        upper, st = await trio.to_thread.run_sync(
+            _copy_up_sync, sb, parent.upper, inode.name, inode.lowers[0].fd, origin, size)
+        inode.upper = upper
+        inode.upper_xwhiteouts = False
+        inode.attrs.invalidate()
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and inode is not sb.inodes.root:
+            sb.inodes.mark_stale(inode)
+
+
+def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int,
+                  origin: int | None, size: int | None) -> tuple[int, os.stat_result]:
+    """Steps 3-5 of the module docstring; returns (O_PATH fd of the new upper object, the
+    source's stat). Blocking."""
+    assert sb.work_fd is not None
+    work = sb.work_fd
+    st = os.fstat(src_fd)
+    parent_st = os.fstat(parent_fd)
+    tmp = sb.tmp_name()
+    created = False
+    fd: int | None = None
+    try:
+        _make_copy(sb, work, tmp, src_fd, st, size)
+        created = True
+        fd = open_path(work, tmp)
+        copy_xattrs(src_fd, fd, sb.prefix)
+        if origin is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+            bxattrs.fsetxattr(fd, oxattrs.origin_name(sb.prefix), b"%d" % origin)
+        copy_owner_mode_times(fd, st)
+        renameat2(work, tmp, parent_fd, name, RENAME_NOREPLACE)
+        created = False
+        with contextlib.suppress(OSError):  # best effort, as the kernel
+            utimens(parent_fd, parent_st.st_atime_ns, parent_st.st_mtime_ns)
+        return fd, st
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                from .superblock import remove_tree_at
+                remove_tree_at(work, tmp)
+        raise
+
+
+def _make_copy(sb: Superblock, work: int, tmp: bytes, src_fd: int, st: os.stat_result,
+               size: int | None) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        src = reopen(src_fd, os.O_RDONLY)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=work)
+            try:
+                length = st.st_size if size is None else min(size, st.st_size)
+                copy_data(src, dst, length)
+                if sb.sync.is_syncing:
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    elif stat.S_ISDIR(mode):
+        os.mkdir(tmp, 0o700, dir_fd=work)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink("", dir_fd=src_fd), tmp, dir_fd=work)
+    else:
+        os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work)
+
+
+def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes) -> None:
+    """Every xattr of ``src_fd`` but overlay-private ones onto ``dst_fd`` (O_PATH fds)."""
+    try:
+        names = bxattrs.flistxattr(src_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        if not oxattrs.is_copied_up(name, prefix):
+            continue
+        try:
+            value = bxattrs.fgetxattr(src_fd, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue  # removed meanwhile
+            raise
+        try:
+            bxattrs.fsetxattr(dst_fd, name, value)
+        except OSError as e:
+            if (e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+                    and not name.startswith(_MANDATORY_XATTRS)):
+                continue
+            raise
+
+
+def copy_owner_mode_times(fd: int, st: os.stat_result) -> None:
+    """uid/gid, then the mode (chown clears set-id bits), then atime/mtime."""
+    path = f"/proc/self/fd/{fd}"
+    os.chown(path, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    utimens(fd, st.st_atime_ns, st.st_mtime_ns)

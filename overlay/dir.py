@@ -1,0 +1,381 @@
+"""Namespace operations: create/mknod/mkdir/symlink/link/unlink/rmdir/rename, whiteouts.
+
+Every change happens on the upper layer, after the parent (and, for link and rename, the
+object) has been copied up (reference §B.3, §B.4, §B.10, the kernel's ``dir.c``):
+
+- **create over a whiteout**: the object is built in work/ and swapped with the whiteout by
+  ``RENAME_EXCHANGE`` (a directory cannot replace a char device by plain rename), then the
+  whiteout is removed from work/; a directory made there is opaque, so what the whiteout
+  hid stays hidden. New objects belong to the caller (``backingfs.creds``).
+- **unlink/rmdir** of a name that exists on a lower layer leaves a whiteout (char 0/0 swapped
+  in atomically with RENAME_EXCHANGE, or ``.wh.NAME`` when mknod is refused). A merged
+  directory may be removed only if it lists nothing (whiteouts only); those are removed
+  with it.
+- **rename**: RENAME_NOREPLACE and RENAME_EXCHANGE; a directory with lower parts gives EXDEV
+  (no redirect_dir), so ``mv`` falls back to copying; a whiteout is left at the source when
+  the name exists below (``RENAME_WHITEOUT``); a directory moved into a merged parent is
+  made opaque first.
+
+Blocking parts run in worker threads; the overlay inodes are updated on the loop after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from backingfs import xattrs as bxattrs
+from backingfs.creds import caller_groups, chown_new, new_mode, new_owner
+from backingfs.fsapi import RENAME_EXCHANGE, RENAME_NOREPLACE, Caller, Entry, OpenReply
+from backingfs.syscalls import RENAME_WHITEOUT, proc_path, renameat2
+
+from . import whiteout as wo
+from .copyup import copy_up
+from .entry import OvlInode
+from .file import open_new
+from .inode import check_writable, make_entry
+from .namei import Resolved, adopt, lower_positive, resolve
+from .readdir import is_empty, remove_upper_whiteouts
+from .superblock import remove_tree_at
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+KIND_REG = "reg"
+KIND_DIR = "dir"
+KIND_LNK = "lnk"
+KIND_NODE = "node"
+KIND_LINK = "link"
+
+
+def _check_new_name(name: bytes) -> None:
+    if wo.is_aufs_name(name):
+        raise OSError(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
+
+
+async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, kind: str,
+                mode: int = 0, rdev: int = 0, target: bytes = b"",
+                link_src: OvlInode | None = None) -> OvlInode:
+    """Create ``name`` in ``parent`` on the upper layer; returns its inode with one lookup
+    reference."""
+    check_writable(sb)
+    _check_new_name(name)
+    res = resolve(sb, parent, name)
+    exists, over_whiteout = res.exists, res.upper_whiteout
+    res.close()
+    if exists:
+        raise OSError(errno.EEXIST, "file exists", name)
+    await copy_up(sb, parent)
+    if link_src is not None:
+        await copy_up(sb, link_src)
+    assert parent.upper is not None
+    parent_fd = parent.upper
+    pst = os.fstat(parent_fd)
+    uid, gid = new_owner(caller.uid, caller.gid, pst)
+    is_dir = kind == KIND_DIR
+    in_group = caller.gid == pst.st_gid or pst.st_gid in caller_groups(caller.pid)
+    final_mode = new_mode(mode, caller.umask, pst, is_dir, caller.gid, in_group or
+                          caller.uid == 0, apply_umask=False)
+    src_fd = link_src.upper if link_src is not None else None
+    await trio.to_thread.run_sync(_make_sync, sb, parent_fd, name, kind, final_mode, rdev,
+                                  target, uid, gid, over_whiteout, src_fd)
+    res = resolve(sb, parent, name)
+    if not res.exists:
+        res.close()
+        raise OSError(errno.ENOENT, "created entry vanished", name)
+    return adopt(sb, parent, name, res)
+
+
+def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int, rdev: int,
+               target: bytes, uid: int, gid: int, over_whiteout: bool,
+               src_fd: int | None) -> None:
+    aufs = wo.has_aufs_whiteout(parent_fd, name)
+    entry_whiteout = over_whiteout and not aufs  # an object sits at ``name`` on the upper
+    opaque = kind == KIND_DIR and over_whiteout
+    in_work = entry_whiteout or opaque
+    assert sb.work_fd is not None
+    dir_fd, nm = (sb.work_fd, sb.tmp_name()) if in_work else (parent_fd, name)
+    if kind == KIND_REG:
+        os.close(os.open(nm, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd))
+    elif kind == KIND_DIR:
+        os.mkdir(nm, 0o700, dir_fd=dir_fd)
+    elif kind == KIND_LNK:
+        os.symlink(target, nm, dir_fd=dir_fd)
+    elif kind == KIND_NODE:
+        os.mknod(nm, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd)
+    else:
+        assert src_fd is not None
+        os.link(proc_path(src_fd), nm, dst_dir_fd=dir_fd, follow_symlinks=True)
+    try:
+        # SHARE: same as passthru/dir.py:give_owner (new object -> caller's uid/gid, then the
+        # final mode, since chown clears set-id bits).
+        if kind != KIND_LINK:
+            chown_new(nm, uid, gid, dir_fd=dir_fd,
+                      mode=None if kind == KIND_LNK else stat.S_IMODE(mode))
+        if opaque:
+            bxattrs.setxattrat(dir_fd, nm, sb.prefix + b"opaque", b"y")
+        if in_work:
+            if entry_whiteout:
+                renameat2(sb.work_fd, nm, parent_fd, name, RENAME_EXCHANGE)
+            else:
+                renameat2(sb.work_fd, nm, parent_fd, name, RENAME_NOREPLACE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_tree_at(dir_fd, nm)
+        raise
+    if in_work and entry_whiteout:
+        remove_tree_at(sb.work_fd, nm)  # the whiteout, swapped out
+    if aufs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+
+
+async def mknod(sb: Superblock, parent: OvlInode, name: bytes, mode: int, rdev: int,
+                caller: Caller) -> Entry:
+    kind = KIND_REG if stat.S_ISREG(mode) else KIND_NODE
+    inode = await _make(sb, parent, name, caller, kind, mode, rdev)
+    return _entry(sb, inode)
+
+
+async def mkdir(sb: Superblock, parent: OvlInode, name: bytes, mode: int,
+                caller: Caller) -> Entry:
+    inode = await _make(sb, parent, name, caller, KIND_DIR, stat.S_IFDIR | mode)
+    return _entry(sb, inode)
+
+
+async def symlink(sb: Superblock, parent: OvlInode, name: bytes, target: bytes,
+                  caller: Caller) -> Entry:
+    inode = await _make(sb, parent, name, caller, KIND_LNK, stat.S_IFLNK | 0o777,
+                        target=target)
+    return _entry(sb, inode)
+
+
+async def link(sb: Superblock, inode: OvlInode, parent: OvlInode, name: bytes,
+               caller: Caller) -> Entry:
+    if inode.is_dir:
+        raise OSError(errno.EPERM, "hard link to a directory")
+    new = await _make(sb, parent, name, caller, KIND_LINK, link_src=inode)
+    return _entry(sb, new)
+
+
+async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags: int,
+                 caller: Caller) -> tuple[OpenReply, Entry]:
+    inode = await _make(sb, parent, name, caller, KIND_REG, stat.S_IFREG | mode)
+    try:
+        entry = _entry(sb, inode)
+        return open_new(sb, inode, flags), entry
+    except BaseException:
+        sb.inodes.forget(inode.ino, 1)
+        raise
+
+
+def _entry(sb: Superblock, inode: OvlInode) -> Entry:
+    try:
+        return make_entry(sb, inode)
+    except BaseException:
+        sb.inodes.forget(inode.ino, 1)
+        raise
+
+
+# --- removal ------------------------------------------------------------------------------
+
+def _whiteout_sync(sb: Superblock, parent_fd: int, name: bytes, has_upper: bool) -> None:
+    """Replace (or occupy) ``name`` in the upper ``parent_fd`` with a whiteout."""
+    assert sb.work_fd is not None
+    if sb.whiteout_kind == wo.WHITEOUT_CHR:
+        if not has_upper:
+            wo.make_whiteout(parent_fd, name, wo.WHITEOUT_CHR)
+            return
+        tmp = sb.tmp_name()
+        wo.make_whiteout(sb.work_fd, tmp, wo.WHITEOUT_CHR)
+        try:
+            renameat2(sb.work_fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=sb.work_fd)
+            raise
+        remove_tree_at(sb.work_fd, tmp)
+        return
+    if has_upper:
+        _remove_upper_sync(sb, parent_fd, name)
+    wo.make_whiteout(parent_fd, name, wo.WHITEOUT_AUFS)
+
+
+def _remove_upper_sync(sb: Superblock, parent_fd: int, name: bytes) -> None:
+    """Remove ``name`` from the upper dir: moved into work/ first, then deleted there, so
+    a directory holding whiteouts disappears from the namespace in one step."""
+    assert sb.work_fd is not None
+    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=parent_fd)
+        return
+    tmp = sb.tmp_name()
+    renameat2(parent_fd, name, sb.work_fd, tmp, RENAME_NOREPLACE)
+    remove_tree_at(sb.work_fd, tmp)
+
+
+async def unlink(sb: Superblock, parent: OvlInode, name: bytes) -> None:
+    await _remove(sb, parent, name, want_dir=False)
+
+
+async def rmdir(sb: Superblock, parent: OvlInode, name: bytes) -> None:
+    await _remove(sb, parent, name, want_dir=True)
+
+
+async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool) -> None:
+    check_writable(sb)
+    res = resolve(sb, parent, name)
+    try:
+        if not res.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", name)
+        if want_dir and not res.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory", name)
+        if not want_dir and res.is_dir:
+            raise OSError(errno.EISDIR, "is a directory", name)
+        inode = adopt(sb, parent, name, res)
+    finally:
+        res.close()
+    try:
+        if want_dir and not await trio.to_thread.run_sync(is_empty, sb, inode):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+        await copy_up(sb, parent)
+        assert parent.upper is not None
+        parent_fd = parent.upper
+        below = lower_positive(sb, parent, name)
+        has_upper = wo.lstat_at(parent_fd, name) is not None
+
+        def work() -> None:
+            if below:
+                _whiteout_sync(sb, parent_fd, name, has_upper)
+            elif has_upper:
+                if want_dir:
+                    _remove_upper_sync(sb, parent_fd, name)
+                else:
+                    os.unlink(name, dir_fd=parent_fd)
+
+        await trio.to_thread.run_sync(work)
+    finally:
+        sb.inodes.forget(inode.ino, 1)
+
+
+# --- rename -------------------------------------------------------------------------------
+
+def _same_object(a: Resolved, b: Resolved) -> bool:
+    assert a.st is not None and b.st is not None
+    return (a.st.st_dev, a.st.st_ino) == (b.st.st_dev, b.st.st_ino)
+
+
+async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
+                 new_parent: OvlInode, new_name: bytes, flags: int) -> None:
+    check_writable(sb)
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE
+                                                                  | RENAME_EXCHANGE):
+        raise OSError(errno.EINVAL, "unsupported rename flags")
+    _check_new_name(new_name)
+    exchange = bool(flags & RENAME_EXCHANGE)
+    held: list[OvlInode] = []
+    src = resolve(sb, old_parent, old_name)
+    dst = resolve(sb, new_parent, new_name)
+    try:
+        if not src.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", old_name)
+        if exchange and not dst.exists:
+            raise OSError(errno.ENOENT, "no such file or directory", new_name)
+        if flags & RENAME_NOREPLACE and dst.exists:
+            raise OSError(errno.EEXIST, "file exists", new_name)
+        if src.is_dir and src.lowers:
+            raise OSError(errno.EXDEV, "cannot rename a lower or merged directory")
+        if exchange and dst.is_dir and dst.lowers:
+            raise OSError(errno.EXDEV, "cannot rename a lower or merged directory")
+        if dst.exists and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory", new_name)
+            if not src.is_dir and dst.is_dir:
+                raise OSError(errno.EISDIR, "is a directory", new_name)
+            if _same_object(src, dst):
+                return  # POSIX: two names of one file, nothing happens
+        src_is_dir, dst_is_dir, dst_exists = src.is_dir, dst.is_dir, dst.exists
+        src_inode = adopt(sb, old_parent, old_name, src)
+        held.append(src_inode)
+        dst_inode = adopt(sb, new_parent, new_name, dst) if dst.exists else None
+        if dst_inode is not None:
+            held.append(dst_inode)
+    except BaseException:
+        for inode in held:
+            sb.inodes.forget(inode.ino, 1)
+        raise
+    finally:
+        src.close()
+        dst.close()
+    try:
+        if dst_inode is not None and dst_is_dir and not exchange and \
+                not await trio.to_thread.run_sync(is_empty, sb, dst_inode):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)
+        await copy_up(sb, old_parent)
+        await copy_up(sb, new_parent)
+        await copy_up(sb, src_inode)
+        if exchange:
+            assert dst_inode is not None
+            await copy_up(sb, dst_inode)
+        await trio.to_thread.run_sync(
+            _rename_sync, sb, old_parent, old_name, new_parent, new_name, exchange,
+            src_inode, dst_inode if dst_exists else None, src_is_dir, dst_is_dir)
+        src_inode.set_parent(new_parent, new_name)
+        if exchange:
+            assert dst_inode is not None
+            dst_inode.set_parent(old_parent, old_name)
+    finally:
+        for inode in held:
+            sb.inodes.forget(inode.ino, 1)
+
+
+def _set_opaque(sb: Superblock, inode: OvlInode) -> None:
+    assert inode.upper is not None
+    bxattrs.fsetxattr(inode.upper, sb.prefix + b"opaque", b"y")
+    inode.is_opaque = True
+
+
+def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
+                 new_parent: OvlInode, new_name: bytes, exchange: bool,
+                 src: OvlInode, dst: OvlInode | None, src_is_dir: bool,
+                 dst_is_dir: bool) -> None:
+    old_fd, new_fd = old_parent.upper, new_parent.upper
+    assert old_fd is not None and new_fd is not None
+    if exchange:
+        assert dst is not None
+        if src_is_dir and new_parent.lowers and not src.is_opaque:
+            _set_opaque(sb, src)
+        if dst_is_dir and old_parent.lowers and not dst.is_opaque:
+            _set_opaque(sb, dst)
+        renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+        return
+    below = lower_positive(sb, old_parent, old_name)
+    if src_is_dir and new_parent.lowers and not src.is_opaque:
+        _set_opaque(sb, src)
+    if dst is not None and dst_is_dir and dst.upper is not None:
+        remove_upper_whiteouts(sb, dst.upper)  # only whiteouts left: checked empty
+    target = wo.lstat_at(new_fd, new_name)
+    aufs_target = wo.has_aufs_whiteout(new_fd, new_name)
+    if target is not None and wo.is_chr_whiteout(target) and src_is_dir:
+        # A directory cannot replace a char device: swap, and the whiteout lands at the
+        # source, which is where one is needed if the name exists below.
+        renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+        if not below or sb.whiteout_kind != wo.WHITEOUT_CHR:
+            os.unlink(old_name, dir_fd=old_fd)
+            if below:
+                wo.make_whiteout(old_fd, old_name, sb.whiteout_kind)
+    elif below and sb.whiteout_kind == wo.WHITEOUT_CHR:
+        renameat2(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT)
+    else:
+        renameat2(old_fd, old_name, new_fd, new_name, 0)
+        if below:
+            wo.make_whiteout(old_fd, old_name, sb.whiteout_kind)
+    if aufs_target:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(wo.aufs_name(new_name), dir_fd=new_fd)

@@ -1,0 +1,170 @@
+"""Open files: open/create/read/write/fsync/release via backingfs.rw, following copy-up.
+
+Opening for write (or with O_TRUNC) copies the file up first and opens the upper copy. A
+read-only open of a file still on a lower layer opens the lower one; when another opener
+copies the file up later, the handle switches to the upper copy at its next I/O
+(``OvlFileHandle.current``, reference §B.8: the upper is opened lazily, the lower reference
+dropped), so it reads what writers wrote. (The kernel's exception for mmap does not arise:
+the FUSE page cache sits above us.)
+
+Writes hold ``inode.lock`` (the kernel's inode_lock in ``ovl_write_iter``), which also
+makes an APPEND write's EOF exact. ``end_write`` is the kernel's ``ovl_copyattr``: size,
+mtime, ctime and mode copied from the backing inode into the overlay inode's cache, on the
+loop, before the reply. The sync policy drops DSYNC/SYNC and skips fsync when the mount
+does not sync (``fsync=0``, ``volatile``), and remembers a volatile write error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from backingfs import rw
+from backingfs.backing_file import BackingFile
+from backingfs.context import BackingFileCtx
+from backingfs.flags import IocbFlags, from_open_flags
+from backingfs.fsapi import OpenReply
+from backingfs.handles import Handle
+from backingfs.request import Request
+from backingfs.syscalls import proc_path, reopen
+
+from .copyup import copy_up
+from .entry import OvlInode
+from .inode import check_writable
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+#: Open flags never passed to the backing open: creation is done already, O_APPEND is a
+#: per-request flag (backing_file.py), O_TRUNC was applied by copy-up or is applied once.
+#: O_DIRECT too: backingfs.rw reads into unaligned bytearrays, which an O_DIRECT backing
+#: fd refuses with EINVAL (the stacked file stays direct: the kernel bypasses its cache).
+_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC | os.O_DIRECT
+
+
+def is_write_open(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+class OvlFileHandle(Handle):
+    """An open file; ``file`` is the backing file, ``is_upper`` where it lives."""
+
+    def __init__(self, inode: OvlInode, file: BackingFile, flags: int, is_upper: bool) -> None:
+        super().__init__(inode, file)
+        self.flags = flags
+        self.iocb = from_open_flags(flags)
+        self.is_upper = is_upper
+
+    def current(self) -> BackingFile:
+        """The backing file holding the data now: switch to the upper copy if the inode
+        was copied up since this handle opened its lower file."""
+        inode = self.inode
+        assert isinstance(inode, OvlInode)
+        if not self.is_upper and inode.upper is not None:
+            fd = reopen(inode.upper, self.flags & ~_STRIP)
+            old, self.file = self.file, BackingFile(fd, (self.flags & ~_STRIP) | os.O_CLOEXEC)
+            self.is_upper = True
+            if old is not None:
+                old.put()  # in-flight requests hold their own references
+        assert self.file is not None
+        return self.file
+
+
+# SHARE: same as passthru/file.py:backing_flags + _add_handle (a stacked open's flags ->
+# a BackingFile reopened from an O_PATH fd, O_APPEND/O_CREAT/... stripped).
+def _open_backing(fd: int, flags: int) -> BackingFile:
+    flags = flags & ~_STRIP
+    return BackingFile(reopen(fd, flags), flags | os.O_CLOEXEC)
+
+
+async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
+    if inode.is_dir:
+        raise OSError(errno.EISDIR, "is a directory")
+    if is_write_open(flags):
+        check_writable(sb)
+        if not stat.S_ISREG(inode.mode):
+            # special files are never copied up on open (never reach us over FUSE anyway)
+            raise OSError(errno.EINVAL, "open for write of a special file")
+        await copy_up(sb, inode, size=0 if flags & os.O_TRUNC else None)
+    if inode.upper is not None:
+        assert inode.upper is not None
+        file = _open_backing(inode.upper, flags)
+        if flags & os.O_TRUNC:
+            async with inode.lock:
+                try:
+                    os.truncate(proc_path(inode.upper), 0)
+                    inode.attrs.copyattr(os.fstat(file.fd))
+                except BaseException:
+                    file.put()
+                    raise
+        handle = OvlFileHandle(inode, file, flags, True)
+    else:
+        handle = OvlFileHandle(inode, _open_backing(inode.lowers[0].fd, flags), flags, False)
+    return OpenReply(sb.handles.add(handle))
+
+
+def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
+    """Open a file create() just made on the upper layer."""
+    assert inode.upper is not None
+    return OpenReply(sb.handles.add(OvlFileHandle(inode, _open_backing(inode.upper, flags),
+                                                  flags, True)))
+
+
+def _ctx(sb: Superblock) -> BackingFileCtx:
+    def end_write(stacked: Any, pos: int, result: int) -> None:
+        # ovl_copyattr: runs on the loop with the inode's lock held by write() below.
+        if result < 0:
+            sb.sync.record_error(-result)
+            return
+        handle: OvlFileHandle = stacked
+        if handle.file is not None:
+            handle.inode.attrs.copyattr(os.fstat(handle.file.fd))
+
+    return BackingFileCtx(end_write=end_write, drop_flags=sb.sync.drop_flags)
+
+
+async def read(sb: Superblock, fh: int, off: int, size: int) -> memoryview:
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        file = handle.current()
+        req = Request(handle, off, handle.iocb & ~IocbFlags.APPEND)
+        return await rw.read(file, size, req, _ctx(sb))
+    finally:
+        handle.io.end_io()
+
+
+async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        inode = handle.inode
+        async with inode.lock:
+            file = handle.current()
+            if not handle.is_upper:
+                raise OSError(errno.EBADF, "file not open for writing")
+            req = Request(handle, off, handle.iocb)
+            return await rw.write(file, data, req, _ctx(sb))
+    finally:
+        handle.io.end_io()
+
+
+async def fsync(sb: Superblock, fh: int, datasync: bool) -> None:
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        file = handle.current()
+        if not handle.is_upper:
+            return  # nothing of ours to sync on a lower layer
+        file.get()
+        try:
+            await trio.to_thread.run_sync(sb.sync.sync, file.fd, datasync)
+        finally:
+            file.put()
+    finally:
+        handle.io.end_io()
+
+
+async def release(sb: Superblock, fh: int) -> None:
+    await sb.handles.release(fh)

@@ -1,0 +1,159 @@
+"""Inode operations: getattr/setattr/access/readlink/xattrs/statfs, st_ino and nlink.
+
+Attributes come from the backing object that holds the data now (upper once copied up,
+else the top lower), with the overlay's identity: ``st_ino`` is the inode's persistent
+number (namei.py), the one st_dev is the FUSE mount's; merged directories report nlink 1
+(reference §B.12; every directory does with ``static_nlink``). The attribute cache
+(``inode.attrs``) is merged in so a stat racing a write's copyattr cannot go backwards.
+
+Every change copies the object up first (copyup.py), then applies to the upper object
+under ``inode.lock``. Overlay-private xattrs are invisible (xattrs.py). With no upper
+layer every change is EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from backingfs import xattrs as bxattrs
+from backingfs.attrs import Attr
+from backingfs.creds import caller_groups
+from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
+from backingfs.syscalls import proc_path, utimens
+
+from . import xattrs as oxattrs
+from .copyup import copy_up
+from .entry import OvlInode
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+
+def check_writable(sb: Superblock) -> None:
+    if sb.is_read_only:
+        raise OSError(errno.EROFS, "read-only overlay (no upperdir)")
+
+
+def make_attr(sb: Superblock, inode: OvlInode, st: os.stat_result) -> Attr:
+    nlink = st.st_nlink
+    if inode.is_dir and (inode.is_merged or sb.params.static_nlink):
+        nlink = 1
+    return Attr.from_stat(st, ino=inode.ino).replace(st_nlink=nlink)
+
+
+def make_entry(sb: Superblock, inode: OvlInode, st: os.stat_result | None = None) -> Entry:
+    """The entry reply for ``inode`` (``st``: a fresh stat of its data object, if known)."""
+    version = inode.attrs.version
+    if st is None:
+        st = os.fstat(inode.data_fd())
+    attr = inode.attrs.merge(make_attr(sb, inode, st), version)
+    timeout = sb.params.timeout
+    return Entry(attr, entry_timeout=timeout, attr_timeout=timeout)
+
+
+async def getattr(sb: Superblock, inode: OvlInode) -> Entry:
+    return make_entry(sb, inode)
+
+
+async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
+                  fh_fd: int | None) -> Entry:
+    check_writable(sb)
+    await copy_up(sb, inode, size=changes.size)
+    async with inode.lock:
+        assert inode.upper is not None
+        # SHARE: same as passthru/inode.py:setattr (chown/chmod/truncate/utimens applied to
+        # an O_PATH fd through its /proc magic link).
+        path = proc_path(inode.upper)
+        if changes.uid is not None or changes.gid is not None:
+            os.chown(path, -1 if changes.uid is None else changes.uid,
+                     -1 if changes.gid is None else changes.gid)
+        if changes.mode is not None and not stat.S_ISLNK(inode.mode):
+            os.chmod(path, stat.S_IMODE(changes.mode))
+        if changes.size is not None:
+            if not stat.S_ISREG(inode.mode):
+                raise OSError(errno.EISDIR if inode.is_dir else errno.EINVAL, "truncate")
+            if fh_fd is not None:
+                os.ftruncate(fh_fd, changes.size)
+            else:
+                os.truncate(path, changes.size)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            utimens(inode.upper, changes.atime_ns, changes.mtime_ns)
+        st = os.fstat(inode.upper)
+        inode.attrs.copyattr(st)
+        return make_entry(sb, inode, st)
+
+
+async def readlink(sb: Superblock, inode: OvlInode) -> bytes:
+    if not stat.S_ISLNK(inode.mode):
+        raise OSError(errno.EINVAL, "not a symlink")
+    return os.fsencode(os.readlink("", dir_fd=inode.data_fd()))
+
+
+# SHARE: same as passthru/inode.py:access (mode bits against uid/gid/groups; root passes
+# all but X on a file nobody may execute), plus overlay's EROFS for W_OK.
+def access(sb: Superblock, inode: OvlInode, mode: int, caller: Caller) -> None:
+    """The caller's permission on the overlay inode's attributes (§B.13, check 1). With
+    default_permissions the kernel makes this check itself and never asks."""
+    if mode & os.W_OK and sb.is_read_only and not stat.S_ISCHR(inode.mode) \
+            and not stat.S_ISBLK(inode.mode) and not stat.S_ISFIFO(inode.mode):
+        raise OSError(errno.EROFS, "read-only overlay")
+    if mode == os.F_OK:
+        return
+    st = os.fstat(inode.data_fd())
+    if caller.uid == 0:
+        if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+            raise OSError(errno.EACCES, "permission denied")
+        return
+    if caller.uid == st.st_uid:
+        bits = (st.st_mode >> 6) & 7
+    elif caller.gid == st.st_gid or st.st_gid in caller_groups(caller.pid):
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    want = (4 if mode & os.R_OK else 0) | (2 if mode & os.W_OK else 0) \
+        | (1 if mode & os.X_OK else 0)
+    if want & ~bits:
+        raise OSError(errno.EACCES, "permission denied")
+
+
+async def getxattr(sb: Superblock, inode: OvlInode, name: bytes) -> bytes:
+    backing = oxattrs.to_backing(name, sb.prefix)
+    return bxattrs.fgetxattr(inode.data_fd(), backing)
+
+
+async def listxattr(sb: Superblock, inode: OvlInode) -> list[bytes]:
+    return oxattrs.filter_list(bxattrs.flistxattr(inode.data_fd()), sb.prefix)
+
+
+async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -> None:
+    check_writable(sb)
+    backing = oxattrs.to_backing(name, sb.prefix)
+    await copy_up(sb, inode)
+    async with inode.lock:
+        assert inode.upper is not None
+        bxattrs.fsetxattr(inode.upper, backing, value)
+        inode.attrs.invalidate()
+
+
+async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
+    check_writable(sb)
+    backing = oxattrs.to_backing(name, sb.prefix)
+    # Nothing to remove is ENODATA without a copy-up (the kernel checks first, too).
+    bxattrs.fgetxattr(inode.data_fd(), backing)
+    await copy_up(sb, inode)
+    async with inode.lock:
+        assert inode.upper is not None
+        bxattrs.fremovexattr(inode.upper, backing)
+        inode.attrs.invalidate()
+
+
+# SHARE: same as passthru/inode.py:statfs (statvfs of an O_PATH fd -> Statfs).
+async def statfs(sb: Superblock) -> Statfs:
+    layer = sb.layers.upper or sb.layers.lowers[0]
+    st = os.statvfs(proc_path(layer.fd))
+    return Statfs(f_bsize=st.f_bsize, f_frsize=st.f_frsize, f_blocks=st.f_blocks,
+                  f_bfree=st.f_bfree, f_bavail=st.f_bavail, f_files=st.f_files,
+                  f_ffree=st.f_ffree, f_favail=st.f_favail, f_namemax=st.f_namemax)

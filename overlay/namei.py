@@ -1,0 +1,190 @@
+"""Lookup through the layers: whiteouts, opaque directories, origin, the inode it names.
+
+``resolve(sb, parent, name)`` finds what ``name`` is in the overlay directory ``parent``
+(reference §B.3, §B.4, the kernel's ``ovl_lookup``), walking the parent's backing
+directories top-down:
+
+- the upper directory first, then each lower directory merged into the parent;
+- a whiteout (char 0/0, ``.wh.NAME``, or the xattr form in an ``opaque=x`` directory) ends
+  the walk: the name does not exist, whatever lies below;
+- the first object found decides the type: a non-directory ends the walk (it hides
+  anything below, a lower directory included); a directory goes on merging lower
+  directories until an opaque one, and stops at the first lower non-directory (a
+  directory hides a non-directory below it);
+- ``.wh.*`` names themselves never exist.
+
+The reported st_ino (``key`` of the inode) is persistent and does not change on copy-up:
+a lower object's own (xino-mapped) st_ino; an upper non-directory's origin record
+(xattrs.origin_name, written by copy-up) or else its own st_ino; a merged directory's top
+lower st_ino (what copy-up recorded too, and what the kernel reports), else the upper's.
+
+Runs inline on the loop: a handful of fstatat/getxattr calls on directories we hold open.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from backingfs.syscalls import check_name, open_path
+
+from . import whiteout as wo
+from .entry import LowerRef, OvlInode
+from .xattrs import origin_name
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+
+@dataclass(eq=False)
+class Resolved:
+    st: os.stat_result | None = None  # the top object; None: the name does not exist
+    upper: int | None = None  # O_PATH fd (owned until adopted or closed)
+    upper_xwhiteouts: bool = False
+    lowers: list[LowerRef] = field(default_factory=list)
+    is_opaque: bool = False
+    upper_whiteout: bool = False  # negative because of a whiteout on the upper layer
+    st_ino: int | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.st is not None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.st is not None and stat.S_ISDIR(self.st.st_mode)
+
+    def close(self) -> None:
+        fds = ([self.upper] if self.upper is not None else []) + [lo.fd for lo in self.lowers]
+        self.upper, self.lowers = None, []
+        for fd in fds:
+            os.close(fd)
+
+
+def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
+    """What ``name`` is in ``parent`` (see the module docstring). Blocking; OSError on
+    backing errors. The caller owns the fds in the result (adopt or close)."""
+    check_name(name)
+    res = Resolved()
+    if not parent.is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory", name)
+    if wo.is_aufs_name(name):
+        return res
+    prefix = sb.prefix
+    try:
+        done = False
+        if parent.upper is not None:
+            st = wo.lstat_at(parent.upper, name)
+            if st is not None and wo.is_whiteout(parent.upper, name, st, prefix,
+                                                 parent.upper_xwhiteouts):
+                res.upper_whiteout = True
+                return res
+            if wo.has_aufs_whiteout(parent.upper, name):
+                res.upper_whiteout = True
+                return res
+            if st is not None:
+                res.st = st
+                res.upper = open_path(parent.upper, name)
+                if stat.S_ISDIR(st.st_mode):
+                    res.is_opaque, res.upper_xwhiteouts = wo.dir_state(res.upper, prefix)
+                    done = res.is_opaque
+                else:
+                    done = True
+        if not done:
+            _resolve_lowers(sb, parent, name, res)
+        if res.st is not None:
+            res.st_ino = _st_ino(sb, res)
+        return res
+    except BaseException:
+        res.close()
+        raise
+
+
+def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> None:
+    for lower in parent.lowers:
+        st = wo.lstat_at(lower.fd, name)
+        if st is None:
+            if wo.has_aufs_whiteout(lower.fd, name):
+                return
+            continue
+        if wo.is_whiteout(lower.fd, name, st, sb.prefix, lower.has_xwhiteouts):
+            return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if res.st is not None and not is_dir:
+            return  # a directory above hides a non-directory below
+        fd = open_path(lower.fd, name)
+        opaque, xwh = wo.dir_state(fd, sb.prefix) if is_dir else (False, False)
+        res.lowers.append(LowerRef(lower.layer, fd, xwh))
+        if res.st is None:
+            res.st = st
+        if not is_dir or opaque:
+            return
+
+
+def _st_ino(sb: Superblock, res: Resolved) -> int | None:
+    assert res.st is not None
+    layers = sb.layers
+    if res.upper is not None:
+        if res.is_dir:
+            if res.lowers:
+                return layers.st_ino(res.lowers[0].layer, os.fstat(res.lowers[0].fd).st_ino)
+        else:
+            origin = wo.get_xattr_fd(res.upper, origin_name(sb.prefix))
+            if origin is not None:
+                try:
+                    return int(origin)
+                except ValueError:
+                    pass
+        assert layers.upper is not None
+        return layers.st_ino(layers.upper, res.st.st_ino)
+    return layers.st_ino(res.lowers[0].layer, res.st.st_ino)
+
+
+def lower_positive(sb: Superblock, parent: OvlInode, name: bytes) -> bool:
+    """Whether ``name`` exists on a lower layer of ``parent`` (so removing or renaming it
+    away on the upper must leave a whiteout). The upper is not consulted. Blocking."""
+    for lower in parent.lowers:
+        st = wo.lstat_at(lower.fd, name)
+        if st is None:
+            if wo.has_aufs_whiteout(lower.fd, name):
+                return False
+            continue
+        return not wo.is_whiteout(lower.fd, name, st, sb.prefix, lower.has_xwhiteouts)
+    return False
+
+
+def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlInode:
+    """The inode for a positive ``res``, with one new lookup reference. Takes ownership of
+    the fds in ``res`` (kept by a new inode, closed or merged into an existing one)."""
+    assert res.st is not None
+    if res.st_ino is not None:
+        key: object = res.st_ino
+    else:  # unmappable backing ino: a non-persistent number, unique per backing object
+        layer = res.lowers[0].layer.index if res.upper is None else 0
+        key = ("nomap", layer, res.st.st_dev, res.st.st_ino)
+    created: list[OvlInode] = []
+
+    def make(ino: int) -> OvlInode:
+        inode = OvlInode(ino, key, mode=res.st.st_mode, upper=res.upper,
+                         upper_xwhiteouts=res.upper_xwhiteouts, lowers=res.lowers,
+                         is_opaque=res.is_opaque, parent=parent, name=name)
+        created.append(inode)
+        return inode
+
+    inode = sb.inodes.lookup(key, make, preferred_ino=res.st_ino)
+    if created:
+        res.upper, res.lowers = None, []  # now the inode's
+        inode.table = sb.inodes
+        sb.inodes.ref(parent.ino)
+        inode.holds_parent_ref = True
+        return inode
+    if inode.upper is None and res.upper is not None and not inode.is_stale:
+        inode.upper, res.upper = res.upper, None  # copied up behind our back
+        inode.upper_xwhiteouts = res.upper_xwhiteouts
+    res.close()
+    if inode.parent is not parent or inode.name != name:
+        inode.set_parent(parent, name)
+    return inode

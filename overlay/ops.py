@@ -1,0 +1,170 @@
+"""OverlayFs: the ``backingfs.fsapi.Filesystem`` of an overlay mount, one line per operation.
+
+Each handler resolves its inode or handle and delegates to the module that owns the concept
+(namei, inode, dir, file, readdir), as the kernel's overlayfs.h table of contents does.
+Inodes marked stale by a hard-link-breaking copy-up keep working (they still name their
+backing objects); only new lookups stop finding them.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+from backingfs.fsapi import (
+    Caller,
+    Entry,
+    Filesystem,
+    OpenReply,
+    ReaddirReply,
+    SetattrRequest,
+    Statfs,
+)
+
+from . import dir as ovl_dir
+from . import file as ovl_file
+from . import inode as ovl_inode
+from . import readdir as ovl_readdir
+from .entry import OvlInode
+from .namei import adopt, resolve
+from .superblock import Superblock
+
+
+class OverlayFs(Filesystem):
+    def __init__(self, sb: Superblock) -> None:
+        self.sb = sb
+        self.enable_writeback_cache = sb.params.writeback
+        # ACL xattrs pass through as plain xattrs; the kernel's ACL enforcement
+        # (FUSE_POSIX_ACL) is not asked for yet, with or without noacl.
+        self.enable_acl = False
+
+    def _inode(self, ino: int) -> OvlInode:
+        return self.sb.inodes.get(ino)
+
+    def _dir(self, ino: int) -> OvlInode:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return inode
+
+    async def destroy(self) -> None:
+        await self.sb.handles.release_all()
+        await self.sb.inodes.io.wait_drained()
+        self.sb.inodes.forget_all()
+        root = self.sb.inodes.root
+        root.on_evict()
+        self.sb.close()
+
+    async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
+        sb = self.sb
+        dir_inode = self._dir(parent)
+        res = resolve(sb, dir_inode, name)
+        if not res.exists:
+            res.close()
+            raise OSError(errno.ENOENT, "no such file or directory", name)
+        inode = adopt(sb, dir_inode, name, res)
+        try:
+            return ovl_inode.make_entry(sb, inode)
+        except BaseException:
+            sb.inodes.forget(inode.ino, 1)
+            raise
+
+    async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for ino, n in items:
+            self.sb.inodes.forget(ino, n)
+
+    async def getattr(self, ino: int, caller: Caller) -> Entry:
+        return await ovl_inode.getattr(self.sb, self._inode(ino))
+
+    async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
+                      caller: Caller) -> Entry:
+        fd = None
+        if fh is not None and changes.size is not None:
+            try:
+                handle = self.sb.handles.get(fh)
+                if isinstance(handle, ovl_file.OvlFileHandle) and handle.is_upper:
+                    fd = handle.current().fd
+            except OSError:
+                fd = None
+        return await ovl_inode.setattr(self.sb, self._inode(ino), changes, fd)
+
+    async def readlink(self, ino: int, caller: Caller) -> bytes:
+        return await ovl_inode.readlink(self.sb, self._inode(ino))
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> Entry:
+        return await ovl_dir.mknod(self.sb, self._dir(parent), name, mode, rdev, caller)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        return await ovl_dir.mkdir(self.sb, self._dir(parent), name, mode, caller)
+
+    async def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
+        await ovl_dir.unlink(self.sb, self._dir(parent), name)
+
+    async def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
+        await ovl_dir.rmdir(self.sb, self._dir(parent), name)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
+        return await ovl_dir.symlink(self.sb, self._dir(parent), name, target, caller)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int, caller: Caller) -> None:
+        await ovl_dir.rename(self.sb, self._dir(old_parent), old_name, self._dir(new_parent),
+                             new_name, flags)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes, caller: Caller) -> Entry:
+        return await ovl_dir.link(self.sb, self._inode(ino), self._dir(new_parent), new_name,
+                                  caller)
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> OpenReply:
+        return await ovl_file.open(self.sb, self._inode(ino), flags)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[OpenReply, Entry]:
+        return await ovl_dir.create(self.sb, self._dir(parent), name, mode, flags, caller)
+
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        return await ovl_file.read(self.sb, fh, off, size)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        return await ovl_file.write(self.sb, fh, off, data)
+
+    async def release(self, fh: int) -> None:
+        await ovl_file.release(self.sb, fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await ovl_file.fsync(self.sb, fh, datasync)
+
+    async def opendir(self, ino: int, caller: Caller) -> int:
+        return await ovl_readdir.opendir(self.sb, self._inode(ino))
+
+    async def readdir(self, fh: int, off: int, reply: ReaddirReply) -> None:
+        await ovl_readdir.readdir(self.sb, fh, off, reply)
+
+    async def releasedir(self, fh: int) -> None:
+        await ovl_readdir.releasedir(self.sb, fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await ovl_readdir.fsyncdir(self.sb, fh, datasync)
+
+    async def statfs(self, caller: Caller) -> Statfs:
+        return await ovl_inode.statfs(self.sb)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        await ovl_inode.setxattr(self.sb, self._inode(ino), name, value)
+
+    async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
+        return await ovl_inode.getxattr(self.sb, self._inode(ino), name)
+
+    async def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
+        return await ovl_inode.listxattr(self.sb, self._inode(ino))
+
+    async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        await ovl_inode.removexattr(self.sb, self._inode(ino), name)
+
+    async def access(self, ino: int, mode: int, caller: Caller) -> None:
+        ovl_inode.access(self.sb, self._inode(ino), mode, caller)
+
+    def statistics(self) -> dict[str, object]:
+        return {"inodes": self.sb.inodes.statistics(),
+                "handles": self.sb.handles.statistics()}

@@ -1,0 +1,165 @@
+"""Merged readdir: upper first, first occurrence wins, whiteouts and opaque dirs respected.
+
+``opendir`` takes a snapshot (``backingfs.dirents.DirSnapshot``) of the directory's merged
+listing in a worker thread; offsets index that snapshot, so a handle's listing neither skips
+nor repeats entries while the directory changes, and seekdir/telldir work. A readdir at
+offset 0 after the handle already read (rewinddir) takes a fresh snapshot, as the kernel
+rebuilds a stale cache on a seek to 0 (reference §B.9).
+
+The merge reads the directory's backing directories top-down (the inode's ``upper`` then
+``lowers``, which namei already cut at the first opaque one) and keeps the first
+occurrence of each name; whiteouts (char 0/0, ``.wh.NAME``, the xattr form in ``opaque=x``
+directories) hide the name below and are never listed, nor are ``.wh.`` names.
+
+Each entry is built by a real lookup (namei), so it carries one lookup reference and its
+d_ino equals st_ino. ``.`` and ``..`` are emitted first, at offsets 1 and 2, like a native
+directory (the bridge gives their references back).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from backingfs.dirents import DirSnapshot, fill, scandir_names
+from backingfs.fsapi import DirEntry, ReaddirReply
+from backingfs.handles import Handle
+
+from . import whiteout as wo
+from .entry import OvlInode
+from .inode import make_entry
+
+if TYPE_CHECKING:
+    from .superblock import Superblock
+
+DT_CHR = stat.S_IFCHR >> 12
+DT_REG = stat.S_IFREG >> 12
+DOT_ENTRIES = 2
+
+
+class DirHandle(Handle):
+    def __init__(self, inode: OvlInode, snapshot: DirSnapshot[int]) -> None:
+        super().__init__(inode, None)
+        self.snapshot = snapshot
+        self.has_read = False
+
+
+def merged_names(sb: Superblock, inode: OvlInode) -> list[tuple[bytes, int]]:
+    """The visible ``(name, d_type)`` of directory ``inode``, in listing order. Blocking."""
+    dirs: list[tuple[int, bool]] = []
+    if inode.upper is not None:
+        dirs.append((inode.upper, inode.upper_xwhiteouts))
+    dirs += [(lower.fd, lower.has_xwhiteouts) for lower in inode.lowers]
+    seen: set[bytes] = set()
+    out: list[tuple[bytes, int]] = []
+    for fd, has_xwh in dirs:
+        entries = scandir_names(fd)
+        hidden = {name[len(wo.AUFS_PREFIX):] for name, _, _ in entries
+                  if wo.is_aufs_name(name)}
+        for name, _, d_type in entries:
+            if name in seen or wo.is_aufs_name(name):
+                continue
+            seen.add(name)
+            if name in hidden:
+                continue
+            if d_type in (DT_CHR, 0) or (has_xwh and d_type == DT_REG):
+                st = wo.lstat_at(fd, name)
+                if st is None or wo.is_whiteout(fd, name, st, sb.prefix, has_xwh):
+                    continue
+            out.append((name, d_type))
+        seen |= hidden
+    return out
+
+
+async def snapshot(sb: Superblock, inode: OvlInode) -> DirSnapshot[int]:
+    return DirSnapshot(await trio.to_thread.run_sync(merged_names, sb, inode))
+
+
+async def opendir(sb: Superblock, inode: OvlInode) -> int:
+    if not inode.is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory")
+    return sb.handles.add(DirHandle(inode, await snapshot(sb, inode)))
+
+
+async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> None:
+    from .namei import adopt, resolve
+
+    handle: DirHandle = sb.handles.get(fh)
+    inode = handle.inode
+    assert isinstance(inode, OvlInode)
+    if off == 0 and handle.has_read:
+        handle.snapshot = await snapshot(sb, inode)
+    handle.has_read = True
+    # SHARE: same as passthru/readdir.py:readdir ("." and ".." at offsets 1 and 2, each with
+    # a reference, then the snapshot shifted by two).
+    if off < DOT_ENTRIES:
+        parent = inode.parent or inode
+        for i, (name, target) in enumerate(((b".", inode), (b"..", parent))):
+            if i < off:
+                continue
+            sb.inodes.ref(target.ino)
+            if not reply(DirEntry(name, make_entry(sb, target), i + 1)):
+                return
+        off = DOT_ENTRIES
+
+    def make(name: bytes, d_type: int) -> DirEntry:
+        res = resolve(sb, inode, name)
+        if not res.exists:
+            raise OSError(errno.ENOENT, "vanished", name)
+        st = res.st
+        child = adopt(sb, inode, name, res)
+        try:
+            entry = make_entry(sb, child, st)
+        except BaseException:
+            sb.inodes.forget(child.ino, 1)
+            raise
+        return DirEntry(name, entry, 0)
+
+    def shifted(entry: DirEntry) -> bool:
+        return reply(DirEntry(entry.name, entry.entry, entry.next_off + DOT_ENTRIES))
+
+    await fill(handle.snapshot, off - DOT_ENTRIES, make, shifted)
+
+
+async def releasedir(sb: Superblock, fh: int) -> None:
+    await sb.handles.release(fh)
+
+
+def is_empty(sb: Superblock, inode: OvlInode) -> bool:
+    """Whether the directory lists nothing (whiteouts only). Blocking."""
+    return not merged_names(sb, inode)
+
+
+def remove_upper_whiteouts(sb: Superblock, dir_fd: int) -> None:
+    """Empty an upper directory that holds only whiteouts (rmdir of a merged directory,
+    ``ovl_clear_empty``). Blocking."""
+    real = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for name, _, _ in scandir_names(real):
+            os.unlink(name, dir_fd=real)
+    finally:
+        os.close(real)
+
+
+async def fsyncdir(sb: Superblock, fh: int, datasync: bool) -> None:
+    """Sync the upper directory (nothing of ours to sync on a lower layer)."""
+    handle: DirHandle = sb.handles.get(fh)
+    inode = handle.inode
+    assert isinstance(inode, OvlInode)
+    upper = inode.upper
+    if upper is None or not sb.sync.is_syncing:
+        sb.sync.check_error()
+        return
+
+    def sync() -> None:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=upper)
+        try:
+            sb.sync.sync(fd, datasync)
+        finally:
+            os.close(fd)
+
+    await trio.to_thread.run_sync(sync)

@@ -1,0 +1,115 @@
+"""Merged readdir: order, dedupe, whiteouts, stable offsets, d_ino == st_ino, dots."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+from conftest import OvlLayers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_merge_first_occurrence_wins(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "same").write_text("bottom")
+    (ovl.lower2 / "b2").write_text("x")
+    (ovl.lower1 / "same").write_text("top")
+    (ovl.lower1 / "b1").write_text("x")
+    (ovl.upper / "u").write_text("x")
+    mnt = ovl.mount()
+    names = os.listdir(mnt)
+    assert sorted(names) == ["b1", "b2", "same", "u"]
+    assert len(names) == len(set(names))
+    assert (mnt / "same").read_text() == "top"
+
+
+def test_d_ino_equals_st_ino_and_dots(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "d").mkdir()
+    (ovl.lower1 / "d" / "a").write_text("x")
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "b").write_text("y")
+    mnt = ovl.mount()
+    (mnt / "d" / "c").write_text("z")
+    with os.scandir(mnt / "d") as it:
+        entries = {e.name: e.inode() for e in it}
+    assert sorted(entries) == ["a", "b", "c"]
+    for name, ino in entries.items():
+        assert os.lstat(mnt / "d" / name).st_ino == ino
+    # "." and ".." come through getdents like on a native directory
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    d = libc.opendir(os.fsencode(mnt / "d"))
+    names = []
+    while True:
+        ent = libc.readdir(d)
+        if not ent:
+            break
+        names.append(ctypes.string_at(ent + 19))
+    libc.closedir(d)
+    assert b"." in names and b".." in names
+
+
+def test_offsets_stable_while_directory_changes(ovl: OvlLayers) -> None:
+    for i in range(300):
+        (ovl.lower1 / f"f{i:03d}").write_text("x")
+    mnt = ovl.mount()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    d = libc.opendir(os.fsencode(mnt))
+
+    def next_name() -> bytes | None:
+        ent = libc.readdir(d)
+        return None if not ent else ctypes.string_at(ent + 19)
+
+    first = [next_name() for _ in range(100)]
+    pos = libc.telldir(d)
+    tail = []
+    while (n := next_name()) is not None:
+        tail.append(n)
+    # the directory changes under the open handle; seekdir back into the middle
+    deleted = {b"f%03d" % i for i in range(0, 300, 3)}
+    for name in deleted:
+        os.unlink(mnt / os.fsdecode(name))
+    (mnt / "zz-new").write_text("n")
+    libc.seekdir(d, pos)
+    again = []
+    while (n := next_name()) is not None:
+        again.append(n)
+    libc.closedir(d)
+    # the same listing from the same offset: nothing repeated, nothing new, removed
+    # names may be skipped
+    assert again == [n for n in tail if n not in deleted]
+    seen = [n for n in first + tail if n not in (b".", b"..")]
+    assert len(seen) == len(set(seen)) == 300
+
+
+def test_whiteouts_and_wh_files_never_listed(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "a").write_text("a")
+    (ovl.lower2 / "b").write_text("b")
+    os.mknod(ovl.lower1 / "a", 0o020000, 0)
+    (ovl.lower1 / ".wh.b").write_text("")
+    mnt = ovl.mount()
+    assert os.listdir(mnt) == []
+    (mnt / "c").write_text("c")
+    os.unlink(mnt / "c")
+    assert os.listdir(mnt) == []
+
+
+def test_static_nlink_and_merged_nlink(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "d").mkdir()
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower1 / "single").mkdir()
+    (ovl.lower1 / "single" / "sub").mkdir()
+    mnt = ovl.mount()
+    assert os.stat(mnt / "d").st_nlink == 1
+    assert os.stat(mnt / "single").st_nlink == 3

@@ -1,0 +1,208 @@
+"""Whiteouts and opaque directories in every form, read and written; private xattrs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+from conftest import OvlLayers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def chr_whiteout(path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, 0)
+
+
+def is_chr_whiteout(path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+# --- read forms ------------------------------------------------------------------------------
+
+def test_char_whiteout_in_lower_hides_below(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "gone").write_text("hidden")
+    chr_whiteout(ovl.lower1 / "gone")
+    (ovl.lower2 / "kept").write_text("k")
+    mnt = ovl.mount()
+    assert not (mnt / "gone").exists()
+    assert sorted(os.listdir(mnt)) == ["kept"]
+
+
+def test_aufs_whiteout_hides_below_and_is_invisible(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "gone").write_text("hidden")
+    (ovl.lower1 / ".wh.gone").write_text("")
+    mnt = ovl.mount()
+    assert not (mnt / "gone").exists()
+    assert not (mnt / ".wh.gone").exists()
+    assert os.listdir(mnt) == []
+
+
+def test_aufs_opaque_marker(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "below").write_text("b")
+    (ovl.lower1 / "d").mkdir()
+    (ovl.lower1 / "d" / ".wh..wh..opq").write_text("")
+    (ovl.lower1 / "d" / "above").write_text("a")
+    mnt = ovl.mount()
+    assert sorted(os.listdir(mnt / "d")) == ["above"]
+    assert not (mnt / "d" / "below").exists()
+
+
+def test_opaque_xattr_dir(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "below").write_text("b")
+    (ovl.lower1 / "d").mkdir()
+    os.setxattr(ovl.lower1 / "d", "trusted.overlay.opaque", b"y")
+    (ovl.lower1 / "d" / "above").write_text("a")
+    mnt = ovl.mount()
+    assert sorted(os.listdir(mnt / "d")) == ["above"]
+
+
+def test_xattr_whiteout_in_opaque_x_dir(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "gone").write_text("hidden")
+    (ovl.lower2 / "d" / "kept").write_text("k")
+    (ovl.lower1 / "d").mkdir()
+    os.setxattr(ovl.lower1 / "d", "trusted.overlay.opaque", b"x")
+    (ovl.lower1 / "d" / "gone").write_bytes(b"")
+    os.setxattr(ovl.lower1 / "d" / "gone", "trusted.overlay.whiteout", b"")
+    mnt = ovl.mount()
+    assert sorted(os.listdir(mnt / "d")) == ["kept"]  # merged, "x" is not opaque
+    assert not (mnt / "d" / "gone").exists()
+
+
+def test_userxattr_opaque(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "below").write_text("b")
+    (ovl.lower1 / "d").mkdir()
+    os.setxattr(ovl.lower1 / "d", "user.overlay.opaque", b"y")
+    os.setxattr(ovl.lower2 / "d", "trusted.overlay.opaque", b"y")  # ignored with userxattr
+    mnt = ovl.mount("userxattr")
+    assert os.listdir(mnt / "d") == []
+    assert "user.overlay.opaque" not in os.listxattr(mnt / "d")
+
+
+def test_upper_file_hides_lower_dir_and_vice_versa(ovl: OvlLayers) -> None:
+    (ovl.lower2 / "a").mkdir()
+    (ovl.lower2 / "a" / "inside").write_text("x")
+    (ovl.lower1 / "a").write_text("file on top")
+    (ovl.lower2 / "b").write_text("file below")
+    (ovl.lower1 / "b").mkdir()
+    mnt = ovl.mount()
+    assert (mnt / "a").read_text() == "file on top"
+    assert (mnt / "b").is_dir() and os.listdir(mnt / "b") == []
+
+
+def test_private_xattrs_hidden_and_escaped(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "f").write_text("x")
+    os.setxattr(ovl.lower1 / "f", "trusted.overlay.origin", b"secret")
+    os.setxattr(ovl.lower1 / "f", "trusted.overlay.overlay.mine", b"nested")
+    os.setxattr(ovl.lower1 / "f", "user.plain", b"p")
+    mnt = ovl.mount()
+    names = os.listxattr(mnt / "f")
+    assert "trusted.overlay.origin" not in names
+    assert "trusted.overlay.mine" in names and "user.plain" in names
+    assert os.getxattr(mnt / "f", "trusted.overlay.mine") == b"nested"
+    with pytest.raises(OSError) as e:
+        os.getxattr(mnt / "f", "trusted.overlay.overlay.mine")
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(mnt / "f", "trusted.overlay.opaque", b"client value")
+    assert os.getxattr(ovl.upper / "f", "trusted.overlay.overlay.opaque") == b"client value"
+    assert "trusted.overlay.opaque" not in os.listxattr(ovl.upper / "f")
+
+
+# --- written forms ---------------------------------------------------------------------------
+
+def test_unlink_lower_leaves_char_whiteout(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "f").write_text("x")
+    mnt = ovl.mount()
+    os.unlink(mnt / "f")
+    assert not (mnt / "f").exists()
+    assert is_chr_whiteout(ovl.upper / "f")
+    assert os.listdir(mnt) == []
+
+
+def test_unlink_pure_upper_leaves_nothing(ovl: OvlLayers) -> None:
+    mnt = ovl.mount()
+    (mnt / "new").write_text("x")
+    os.unlink(mnt / "new")
+    assert os.listdir(ovl.upper) == []
+
+
+def test_unlink_copied_up_leaves_whiteout(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "f").write_text("x")
+    mnt = ovl.mount()
+    with open(mnt / "f", "a") as f:
+        f.write("more")
+    os.unlink(mnt / "f")
+    assert is_chr_whiteout(ovl.upper / "f")
+    assert ovl.work_entries() == []
+
+
+def test_rmdir_merged_with_only_whiteouts(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "d").mkdir()
+    (ovl.lower1 / "d" / "a").write_text("x")
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "b").write_text("y")
+    mnt = ovl.mount()
+    with pytest.raises(OSError) as e:
+        os.rmdir(mnt / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(mnt / "d" / "a")
+    os.unlink(mnt / "d" / "b")
+    os.rmdir(mnt / "d")
+    assert not (mnt / "d").exists()
+    assert is_chr_whiteout(ovl.upper / "d")
+    assert ovl.work_entries() == []
+
+
+def test_rmdir_pure_upper(ovl: OvlLayers) -> None:
+    mnt = ovl.mount()
+    (mnt / "d").mkdir()
+    os.rmdir(mnt / "d")
+    assert os.listdir(ovl.upper) == []
+
+
+def test_mkdir_over_whiteout_is_opaque(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "d").mkdir()
+    (ovl.lower1 / "d" / "old").write_text("x")
+    mnt = ovl.mount()
+    os.unlink(mnt / "d" / "old")
+    os.rmdir(mnt / "d")
+    os.mkdir(mnt / "d")
+    assert os.listdir(mnt / "d") == []
+    assert os.getxattr(ovl.upper / "d", "trusted.overlay.opaque") == b"y"
+    assert ovl.work_entries() == []
+
+
+def test_create_file_over_whiteout(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "f").write_text("old")
+    mnt = ovl.mount()
+    os.unlink(mnt / "f")
+    (mnt / "f").write_text("new")
+    assert (mnt / "f").read_text() == "new"
+    assert stat.S_ISREG(os.lstat(ovl.upper / "f").st_mode)
+
+
+def test_aufs_whiteouts_written_when_asked(ovl: OvlLayers) -> None:
+    (ovl.lower1 / "f").write_text("x")
+    (ovl.lower1 / "d").mkdir()
+    mnt = ovl.mount(env={"FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT": "1"})
+    os.unlink(mnt / "f")
+    os.rmdir(mnt / "d")
+    assert sorted(os.listdir(ovl.upper)) == [".wh.d", ".wh.f"]
+    assert os.listdir(mnt) == []
+    (mnt / "f").write_text("back")
+    assert sorted(os.listdir(ovl.upper)) == [".wh.d", "f"]
+    assert os.listdir(mnt) == ["f"]
+
+
+def test_names_starting_with_wh_are_refused(ovl: OvlLayers) -> None:
+    mnt = ovl.mount()
+    with pytest.raises(OSError) as e:
+        (mnt / ".wh.x").write_text("no")
+    assert e.value.errno == errno.EINVAL
