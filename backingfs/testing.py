@@ -386,7 +386,35 @@ class KernelMount(TargetMount):
                                f"{r.stderr.decode(errors='replace').strip()}")
 
 
-for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget()):
+class OverlayTarget(Target):
+    """Our overlay through its real CLI. ``where`` says which layer holds the tree the tests
+    meet as pre-existing: ``lower`` (every change copies up), ``upper`` (written through the
+    mount), or ``multi`` (two lowers and an upper, the tree in the bottom lower)."""
+
+    def __init__(self, name: str, where: str) -> None:
+        self.name = name
+        self.where = where
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("overlay.cli") is None:
+            return "overlay is not written yet (no overlay.cli module for python -m overlay)"
+        return fuse_unavailable()
+
+    def start(self, base: Path) -> TargetMount:
+        names = ("lower", "lower2", "upper", "work", "mnt")
+        d = {n: base / n for n in names}
+        for p in d.values():
+            p.mkdir(mode=0o755)
+        lowers = f"{d['lower2']}:{d['lower']}" if self.where == "multi" else str(d["lower"])
+        opts = f"lowerdir={lowers},upperdir={d['upper']},workdir={d['work']}"
+        data = None if self.where == "upper" else d["lower"]
+        return start_fuse_target(cli_argv("overlay", "-f", "-o", opts, str(d["mnt"])),
+                                 d["mnt"], data=data)
+
+
+for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget(),
+                OverlayTarget("overlay-lower", "lower"), OverlayTarget("overlay-upper", "upper"),
+                OverlayTarget("overlay-multi", "multi")):
     register(_target)
 
 

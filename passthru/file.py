@@ -1,0 +1,223 @@
+"""FileHandle and the open-file operations: open/create/read/write/flush/fsync/release.
+
+One ``BackingFile`` per open, opened with the caller's access mode (the kernel already
+checked it: default_permissions). Data moves through ``backingfs.rw``: reads try the
+RWF_NOWAIT fast path on the loop and fall back to a worker, writes always run in a worker,
+and ``end_write`` (on the loop) grows the inode's cached size.
+
+Flags, as the kernel sends them and as the backing fd gets them:
+
+- O_TRUNC is honoured by the reopen itself (pyfuse3 negotiates ATOMIC_O_TRUNC).
+- O_APPEND never reaches a backing fd (BackingFile refuses it): without writeback the
+  handle's requests carry ``IocbFlags.APPEND`` (RWF_APPEND: each write lands at the backing
+  EOF, also with several appenders). With the writeback cache the kernel places appends
+  itself, so APPEND is dropped, and O_WRONLY becomes O_RDWR because the kernel reads
+  partial pages for write-only opens (libfuse passthrough_hp does the same).
+- O_DIRECT is dropped on the backing fd: our buffers are not aligned for it, and the kernel
+  already bypasses its page cache for the stacked file.
+- O_SYNC/O_DSYNC stay on the fd and in the request flags.
+
+Limit: a later ``fcntl(F_SETFL, O_APPEND)`` on the stacked fd is not seen (FUSE does not
+forward it through pyfuse3).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from backingfs import rw, syscalls
+from backingfs.backing_file import BackingFile
+from backingfs.flags import IocbFlags, from_open_flags
+from backingfs.fsapi import Caller, Entry, OpenReply
+from backingfs.handles import Handle
+from backingfs.request import Request
+
+from .dir import give_owner
+from .inode import PassthruInode, install, make_entry
+
+if TYPE_CHECKING:
+    from .superblock import PassthruFs
+
+#: Open flags that describe the open, not the file: never passed to the backing reopen.
+_OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
+#: Request flags a stacked handle passes on (DIRECT describes the stacked open only).
+_REQUEST_FLAGS = IocbFlags.APPEND | IocbFlags.DSYNC | IocbFlags.SYNC
+
+
+class FileHandle(Handle):
+    """An open file: the backing fd and the request flags of its open."""
+
+    inode: PassthruInode
+
+    def __init__(self, inode: PassthruInode, file: BackingFile, flags: IocbFlags) -> None:
+        super().__init__(inode, file)
+        self.flags = flags  # IocbFlags for every request on this handle
+
+
+def backing_flags(fs: PassthruFs, flags: int) -> tuple[int, IocbFlags]:
+    """(flags for the backing open, request flags) for a stacked open with ``flags``."""
+    req_flags = from_open_flags(flags) & _REQUEST_FLAGS
+    if fs.writeback:
+        req_flags &= ~IocbFlags.APPEND
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return (flags & ~_OPEN_ONLY) | os.O_CLOEXEC, req_flags
+
+
+def _add_handle(fs: PassthruFs, inode: PassthruInode, fd: int, flags: int,
+                req_flags: IocbFlags) -> OpenReply:
+    file = BackingFile(fd, flags)
+    try:
+        fh = fs.handles.add(FileHandle(inode, file, req_flags))
+    except BaseException:
+        file.put()
+        raise
+    if flags & os.O_TRUNC:
+        inode.attrs.set_size(0)
+    return OpenReply(fh, keep_cache=fs.keep_cache)
+
+
+async def open(fs: PassthruFs, ino: int, flags: int, caller: Caller) -> OpenReply:
+    inode = fs.live(ino)
+    bflags, req_flags = backing_flags(fs, flags)
+    try:
+        fd = syscalls.reopen(inode.fd, bflags)
+    except PermissionError:
+        if bflags & os.O_ACCMODE == flags & os.O_ACCMODE:
+            raise
+        # The writeback upgrade to O_RDWR needs read permission, which an unprivileged
+        # daemon may lack: fall back to what the caller asked for.
+        bflags = (bflags & ~os.O_ACCMODE) | (flags & os.O_ACCMODE)
+        fd = syscalls.reopen(inode.fd, bflags)
+    return _add_handle(fs, inode, fd, bflags, req_flags)
+
+
+async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags: int,
+                 caller: Caller) -> tuple[OpenReply, Entry]:
+    """Create (or, without O_EXCL, open) ``name`` and open it, in one step.
+
+    The backing open always uses O_CREAT|O_EXCL first, so we know whether this request
+    made the file (and must give it the caller's ownership) or found one made in SOURCE
+    since the kernel's lookup (opened as is, O_TRUNC honoured).
+
+    O_NOFOLLOW is added: the kernel resolves symlinks itself before sending CREATE, so a
+    symlink here was put in SOURCE behind our back and must not be followed out of it.
+    """
+    parent = fs.live(parent_ino)
+    syscalls.check_name(name)
+    bflags, req_flags = backing_flags(fs, flags)
+    bflags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(name, bflags | os.O_CREAT | os.O_EXCL, mode & 0o7777, dir_fd=parent.fd)
+        created = True
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        # Made in SOURCE since the kernel's lookup: open it as an O_CREAT open would.
+        fd = os.open(name, bflags, dir_fd=parent.fd)
+        created = False
+    try:
+        if created:
+            try:
+                give_owner(fs, parent, fd, stat.S_IFREG | (mode & 0o7777), caller)
+            except BaseException:
+                os.unlink(name, dir_fd=parent.fd)
+                raise
+        st = os.fstat(fd)
+        path_fd = syscalls.open_path(parent.fd, name)
+        try:
+            pst = os.fstat(path_fd)
+            if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
+                # Renamed in SOURCE meanwhile: reach the object through the open fd (the
+                # magic link is followed to the file itself).
+                os.close(path_fd)
+                path_fd = -1
+                path_fd = os.open(syscalls.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            if path_fd >= 0:
+                os.close(path_fd)
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        inode = install(fs, path_fd, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        reply = _add_handle(fs, inode, fd, bflags & ~os.O_NOFOLLOW, req_flags)
+    except BaseException:
+        fs.inodes.forget(inode.ino, 1)
+        raise
+    return reply, make_entry(fs, inode, st)
+
+
+async def read(fs: PassthruFs, fh: int, off: int, size: int) -> memoryview:
+    handle: FileHandle = fs.handles.begin_io(fh)
+    try:
+        assert handle.file is not None
+        return await rw.read(handle.file, size, Request(handle, off, handle.flags), fs.ctx,
+                             io=handle.io, workers=fs.workers)
+    finally:
+        handle.io.end_io()
+
+
+async def write(fs: PassthruFs, fh: int, off: int, data: bytes) -> int:
+    handle: FileHandle = fs.handles.begin_io(fh)
+    try:
+        assert handle.file is not None
+        req = Request(handle, off, handle.flags)
+        if handle.flags & IocbFlags.APPEND:
+            # rw.write_iter samples the EOF at submission: the lock makes it exact.
+            async with handle.inode.lock:
+                return await rw.write(handle.file, data, req, fs.ctx, io=handle.io,
+                                      workers=fs.workers)
+        return await rw.write(handle.file, data, req, fs.ctx, io=handle.io,
+                              workers=fs.workers)
+    finally:
+        handle.io.end_io()
+
+
+def end_write(stacked: FileHandle, pos: int, result: int) -> None:
+    """BackingFileCtx.end_write: after a write ended at ``pos``, on the trio loop."""
+    if result > 0:
+        stacked.inode.attrs.grow_size(pos)
+
+
+async def flush(fs: PassthruFs, fh: int) -> None:
+    """close(2) of a stacked fd: close a duplicate of the backing fd, so errors that a
+    backing filesystem reports at close (NFS, FUSE) reach the caller, as passthrough_hp.
+
+    When SOURCE is on a filesystem whose close cannot fail that way (``fs.flush_closes``
+    is False: ext4, xfs, tmpfs...), answer ENOSYS: the kernel then stops sending FLUSH for
+    the rest of the mount, one round trip fewer per close. Dirty pages of the writeback
+    cache are still written at close (the kernel does that before asking us).
+    """
+    if not fs.flush_closes:
+        raise OSError(errno.ENOSYS, "flush is not needed on this backing filesystem")
+    handle = fs.handles.begin_io(fh)
+    try:
+        if handle.file is not None:
+            os.close(os.dup(handle.file.fd))
+    finally:
+        handle.io.end_io()
+
+
+async def fsync(fs: PassthruFs, fh: int, datasync: bool) -> None:
+    handle = fs.handles.begin_io(fh)
+    try:
+        if handle.file is not None:
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, handle.file.fd)
+    finally:
+        handle.io.end_io()
+
+
+async def release(fs: PassthruFs, fh: int) -> None:
+    await fs.handles.release(fh)

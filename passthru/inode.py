@@ -1,0 +1,239 @@
+"""PassthruInode: one SOURCE object held by an O_PATH fd; lookup, attributes, links, xattrs.
+
+Identity is the backing object's ``(st_dev, st_ino)``; the kernel's ino is its st_ino when
+free (so ``d_ino == st_ino`` and ``ls -i`` matches SOURCE), except the root, which is
+``ROOT_INO``. Every lookup is one ``openat(parent_fd, name, O_PATH|O_NOFOLLOW)`` then an
+``fstat`` of the new fd: a symlink is held as itself and never followed, and ``..`` at the
+root answers the root, so no walk leaves SOURCE.
+
+The O_PATH fd pins the backing inode, so its ``(st_dev, st_ino)`` cannot be reused while
+we hold it on a local filesystem. A lookup that still finds a live inode for the key with
+another file type (possible on filesystems that recycle numbers of open inodes) marks the
+old one stale and makes a new one: a live inode's type never changes.
+
+Metadata syscalls on held fds (fstat, chmod, utimensat, xattrs) run inline on the trio
+loop: they are quick and a thread hop would cost more than the call. Truncate, which may
+free many blocks, runs in a worker. All functions raise OSError; none imports pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+
+from backingfs import creds, syscalls, xattrs
+from backingfs.attrs import Attr
+from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
+from backingfs.inodes import Inode
+
+if TYPE_CHECKING:
+    from .superblock import PassthruFs
+
+BackingId = tuple[int, int]
+
+_DOTS = (b".", b"..")
+
+
+class PassthruInode(Inode):
+    """A stacked inode and the O_PATH fd of its backing object (closed at eviction)."""
+
+    def __init__(self, ino: int, key: BackingId, fd: int, fmt: int) -> None:
+        super().__init__(ino, key)
+        self.fd = fd  # O_PATH|O_NOFOLLOW; owned by the inode, closed by on_evict
+        self.fmt = fmt  # S_IFMT of the backing object; never changes
+
+    def on_evict(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def make_entry(fs: PassthruFs, inode: PassthruInode, st: os.stat_result) -> Entry:
+    return Entry(Attr.from_stat(st, inode.ino), fs.entry_timeout, fs.attr_timeout)
+
+
+def install(fs: PassthruFs, fd: int, st: os.stat_result) -> PassthruInode:
+    """The live inode for the object of O_PATH ``fd`` (stat ``st``), with one more lookup.
+
+    Takes ownership of ``fd``: it becomes the new inode's, or is closed when an inode for
+    the object already exists. Call on the trio loop (the table lock is brief).
+    """
+    key = (st.st_dev, st.st_ino)
+    fmt = stat.S_IFMT(st.st_mode)
+    made: list[PassthruInode] = []
+
+    def make(ino: int) -> PassthruInode:
+        inode = PassthruInode(ino, key, fd, fmt)
+        made.append(inode)
+        return inode
+
+    try:
+        inode = fs.inodes.lookup(key, make, st.st_ino)
+        if made:
+            return inode
+        if inode.fmt != fmt:
+            # Same backing id, another type: the old object is gone (see module docstring).
+            fs.inodes.mark_stale(inode)
+            fs.inodes.forget(inode.ino, 1)
+            inode = fs.inodes.lookup(key, make, st.st_ino)
+            if made:
+                return inode
+    except BaseException:
+        if not made:
+            os.close(fd)
+        raise
+    os.close(fd)
+    return inode
+
+
+def lookup_fd(fs: PassthruFs, parent: PassthruInode, name: bytes) -> tuple[int, os.stat_result]:
+    """Open ``name`` in ``parent`` as O_PATH and stat it; ``..`` of the root is the root."""
+    if name in _DOTS and (name == b"." or parent is fs.inodes.root):
+        fd = os.dup(parent.fd)
+    else:
+        fd = syscalls.open_path(parent.fd, name)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def lookup(fs: PassthruFs, parent_ino: int, name: bytes, caller: Caller) -> Entry:
+    parent = fs.live(parent_ino)
+    try:
+        fd, st = lookup_fd(fs, parent, name)
+    except FileNotFoundError:
+        if fs.negative_timeout > 0:
+            # ino 0: a negative entry the kernel caches for entry_timeout; no reference.
+            return Entry(Attr(st_ino=0, st_mode=0), fs.negative_timeout, 0.0)
+        raise
+    return make_entry(fs, install(fs, fd, st), st)
+
+
+async def getattr(fs: PassthruFs, ino: int, caller: Caller) -> Entry:
+    inode = fs.live(ino)
+    version = inode.attrs.version  # before the stat: a newer local update wins (attrs.py)
+    attr = inode.attrs.merge(Attr.from_stat(os.fstat(inode.fd), inode.ino), version)
+    return Entry(attr, fs.entry_timeout, fs.attr_timeout)
+
+
+async def setattr(fs: PassthruFs, ino: int, changes: SetattrRequest, fh: int | None,
+                  caller: Caller) -> Entry:
+    """Apply ``changes`` in the order a native chown+chmod+truncate+utimens would leave
+    them: owner first (a chown clears set-id bits), then mode, size, times. Permission
+    checks are the kernel's (default_permissions); ctime cannot be set and is ignored."""
+    inode = fs.live(ino)
+    async with inode.lock:
+        path = syscalls.proc_path(inode.fd)
+        if changes.uid is not None or changes.gid is not None:
+            uid = -1 if changes.uid is None else changes.uid
+            gid = -1 if changes.gid is None else changes.gid
+            # The magic link is followed to the object itself, a symlink included.
+            os.chown(path, uid, gid)
+        if changes.mode is not None:
+            if inode.fmt == stat.S_IFLNK:
+                raise OSError(errno.EOPNOTSUPP, "cannot chmod a symlink")
+            os.chmod(path, stat.S_IMODE(changes.mode))
+        if changes.size is not None:
+            await _truncate(fs, inode, changes.size, fh)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            syscalls.utimens(inode.fd, changes.atime_ns, changes.mtime_ns)
+        st = os.fstat(inode.fd)
+        inode.attrs.copyattr(st)
+    return make_entry(fs, inode, st)
+
+
+async def _truncate(fs: PassthruFs, inode: PassthruInode, size: int, fh: int | None) -> None:
+    """Through the open handle when the kernel names one (it may be the only way to reach
+    an unlinked file's data with write access), else a short-lived O_WRONLY reopen."""
+    if inode.fmt == stat.S_IFDIR:
+        raise OSError(errno.EISDIR, "cannot truncate a directory")
+    if fh is not None:
+        handle = fs.handles.begin_io(fh)
+        try:
+            if handle.file is not None:
+                await trio.to_thread.run_sync(os.ftruncate, handle.file.fd, size)
+                inode.attrs.set_size(size)
+                return
+        finally:
+            handle.io.end_io()
+    await trio.to_thread.run_sync(_truncate_path, inode.fd, size)
+    inode.attrs.set_size(size)
+
+
+def _truncate_path(fd: int, size: int) -> None:
+    wfd = syscalls.reopen(fd, os.O_WRONLY)
+    try:
+        os.ftruncate(wfd, size)
+    finally:
+        os.close(wfd)
+
+
+async def readlink(fs: PassthruFs, ino: int, caller: Caller) -> bytes:
+    inode = fs.live(ino)
+    if inode.fmt != stat.S_IFLNK:
+        raise OSError(errno.EINVAL, "not a symlink")
+    return os.readlink(b"", dir_fd=inode.fd)  # readlinkat(fd, ""): the link's own text
+
+
+async def access(fs: PassthruFs, ino: int, mode: int, caller: Caller) -> None:
+    """access(2) by mode bits against the caller's uid, gid and supplementary groups.
+
+    Only called without default_permissions (which passthru always sets), so it is a
+    fallback: root passes every check except X on a file no one may execute."""
+    inode = fs.live(ino)
+    st = os.fstat(inode.fd)
+    want = mode & (os.R_OK | os.W_OK | os.X_OK)
+    if not want:
+        return
+    if caller.uid == 0:
+        if (want & os.X_OK and not stat.S_ISDIR(st.st_mode)
+                and not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)):
+            raise OSError(errno.EACCES, "no execute bit")
+        return
+    if caller.uid == st.st_uid:
+        bits = (st.st_mode >> 6) & 7
+    elif caller.gid == st.st_gid or st.st_gid in creds.caller_groups(caller.pid):
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    if want & ~bits:
+        raise OSError(errno.EACCES, "permission denied")
+
+
+async def statfs(fs: PassthruFs, caller: Caller) -> Statfs:
+    sv = os.statvfs(fs.inodes.root.fd)  # fstatfs works on O_PATH fds
+    return Statfs(f_bsize=sv.f_bsize, f_frsize=sv.f_frsize, f_blocks=sv.f_blocks,
+                  f_bfree=sv.f_bfree, f_bavail=sv.f_bavail, f_files=sv.f_files,
+                  f_ffree=sv.f_ffree, f_favail=sv.f_favail, f_namemax=sv.f_namemax)
+
+
+# --- xattrs: on the object itself, through its O_PATH fd (symlinks included) -------------
+
+async def getxattr(fs: PassthruFs, ino: int, name: bytes, caller: Caller) -> bytes:
+    # The kernel asks for security.capability before every write (file_remove_privs), so
+    # this is a hot path: go straight to the magic link that xattrs.fgetxattr falls back
+    # to for O_PATH fds (one syscall instead of three).
+    return os.getxattr(b"/proc/self/fd/%d" % fs.live(ino).fd, name)
+
+
+async def listxattr(fs: PassthruFs, ino: int, caller: Caller) -> list[bytes]:
+    return xattrs.flistxattr(fs.live(ino).fd)
+
+
+async def setxattr(fs: PassthruFs, ino: int, name: bytes, value: bytes,
+                   caller: Caller) -> None:
+    # pyfuse3 passes no flags: it emulates XATTR_CREATE/REPLACE with a getxattr first.
+    xattrs.fsetxattr(fs.live(ino).fd, name, value)
+
+
+async def removexattr(fs: PassthruFs, ino: int, name: bytes, caller: Caller) -> None:
+    xattrs.fremovexattr(fs.live(ino).fd, name)
