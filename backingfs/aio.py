@@ -12,9 +12,9 @@ the worker thread that did the I/O (nothing attribute-related happens there); wr
 completions are punted to the trio loop (the kernel's workqueue) so that attribute updates
 are serialised with each other and with request handlers.
 
-A request whose submission fails (workers shut down) or that completes inline (the
-``RWF_NOWAIT`` read fast path) is cleaned up by the submitter, which returns the result;
-the caller's completion is then *not* called, exactly as with the kernel's -EIOCBQUEUED rule.
+A request whose submission fails (workers shut down) is cleaned up by the submitter, which
+raises; the caller's completion is then *not* called, exactly as with the kernel's
+-EIOCBQUEUED rule. Requests that complete inline never get an aio (see rw.py).
 
 Cancellation: a queued request is never abandoned. A cancelled awaiter only stops waiting;
 the worker keeps its references until it has finished.
@@ -33,7 +33,7 @@ import trio
 
 from .backing_file import BackingFile
 from .context import EndWrite
-from .flags import IocbFlags, to_rwf
+from .flags import APPEND, to_rwf
 from .inflight import InFlight
 from .request import Request
 from .workers import Workers, WorkersShutDownError
@@ -123,19 +123,14 @@ class BackingAio:
 
     # -- submission (submitter side) -----------------------------------------------
 
-    def submit(self, workers: Workers, *, try_inline: bool) -> int | _Queued:
-        """Queue the I/O; returns QUEUED, or the result when it completed inline.
+    def submit(self, workers: Workers) -> _Queued:
+        """Queue the I/O and drop the submitter's reference; returns QUEUED.
 
-        Raises OSError when the request failed inline or could not be submitted; in both
-        cases the completion-side cleanup (position, end_write) has run and the caller's
-        completion will not be called.
+        Raises OSError(EIO) when the workers refuse the request; the completion-side
+        cleanup (position, end_write) has then run and the caller's completion will not be
+        called. (Inline completion, the NOWAIT read and the inline write, happens in rw.py
+        before an aio is built at all: there is nothing to free then.)
         """
-        if try_inline:
-            res = self._try_nowait()
-            if res is not None:
-                self.put()
-                self._cleanup(res)
-                return _result(res)
         try:
             workers.submit(self._work)
         except WorkersShutDownError:
@@ -144,32 +139,6 @@ class BackingAio:
             raise OSError(errno.EIO, "backing I/O workers are shut down") from None
         self.put()
         return QUEUED
-
-    def _try_nowait(self) -> int | None:
-        """The read fast path: RWF_NOWAIT on the loop thread; None means "go queued"."""
-        file, clone = self.file, self.clone
-        if not file.nowait_ok:
-            return None
-        want = len(self.buf)
-        try:
-            n = os.preadv(file.fd, [self.buf], clone.pos, to_rwf(clone.flags | IocbFlags.NOWAIT))
-        except BlockingIOError:
-            return -errno.EAGAIN if clone.flags & IocbFlags.NOWAIT else None
-        except OSError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
-                file.nowait_ok = False
-                return None
-            return -(exc.errno or errno.EIO)
-        if 0 < n < want and not clone.flags & IocbFlags.NOWAIT:
-            # Only part was cached. A short read means EOF to FUSE, so unless this is the
-            # end of the file the whole request goes to a worker.
-            try:
-                if clone.pos + n < os.fstat(file.fd).st_size:
-                    return None
-            except OSError:
-                return None
-        clone.pos += n
-        return n
 
     # -- the I/O (worker side) -------------------------------------------------------
 
@@ -198,7 +167,7 @@ class BackingAio:
                     break
                 self._done += n
                 clone.pos += n
-            if clone.flags & IocbFlags.APPEND:
+            if clone.flags & APPEND:
                 # RWF_APPEND placed the data at the backing EOF whatever clone.pos said; the
                 # end of the file is where this write ended (unless another append raced).
                 clone.pos = os.fstat(file.fd).st_size
@@ -229,12 +198,6 @@ class BackingAio:
         self._cleanup(res)
         assert complete is not None
         _call_safely(complete, orig, res)
-
-
-def _result(res: int) -> int:
-    if res < 0:
-        raise OSError(-res, os.strerror(-res))
-    return res
 
 
 def _call_safely(fn: Callable[..., None], *args: Any) -> None:

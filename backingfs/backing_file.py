@@ -33,7 +33,7 @@ class BackingFile:
     its offset on an O_APPEND fd, so appending is the request's APPEND flag instead.
     """
 
-    __slots__ = ("fd", "flags", "nowait_ok", "_refs", "_lock", "__weakref__")
+    __slots__ = ("fd", "flags", "nowait_ok", "write_backoff", "_refs", "_lock", "__weakref__")
 
     def __init__(self, fd: int, flags: int = 0) -> None:
         if flags & os.O_APPEND:
@@ -43,6 +43,9 @@ class BackingFile:
         # Cleared the first time the backing fs refuses RWF_NOWAIT (EOPNOTSUPP), so the
         # read fast path is not tried again on this fd.
         self.nowait_ok = True
+        # Queued writes still to send to the workers before an inline write is tried
+        # again, after one was slow (rw.py); 0 means inline writes are allowed.
+        self.write_backoff = 0
         self._refs = 1  # guarded by _lock
         self._lock = threading.Lock()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .flags import BACKING_IOCB_MASK, IocbFlags
+from .flags import MASK, IocbFlags
 
 #: ``complete(request, result)``; result is a byte count, or ``-errno`` on failure.
 Completion = Callable[["Request", int], None]
@@ -27,13 +27,13 @@ class Request:
 
     __slots__ = ("file", "pos", "flags", "complete")
 
-    def __init__(self, file: Any, pos: int, flags: IocbFlags = IocbFlags.NONE,
+    def __init__(self, file: Any, pos: int, flags: int = 0,
                  complete: Completion | None = None) -> None:
         if pos < 0:
             raise ValueError(f"negative position {pos}")
         self.file = file
         self.pos = pos
-        self.flags = IocbFlags(flags)
+        self.flags = int(flags)  # IocbFlags bits as a plain int (see flags.MASK)
         self.complete = complete
 
     @property
@@ -41,16 +41,17 @@ class Request:
         """True for a sync request (no completion callback), as the kernel's is_sync_kiocb."""
         return self.complete is None
 
-    def clone(self, backing_file: Any, flags: IocbFlags | None = None) -> Request:
+    def clone(self, backing_file: Any, flags: int | None = None) -> Request:
         """A sync request for ``backing_file`` at the same position.
 
         ``flags`` (default: this request's) pass through BACKING_IOCB_MASK, so DIRECT and
         WRITE never travel down. The clone has no completion of its own: the BackingAio
         that owns it completes the caller's request.
         """
-        base = self.flags if flags is None else IocbFlags(flags)
-        return Request(backing_file, self.pos, base & BACKING_IOCB_MASK)
+        base = self.flags if flags is None else int(flags)
+        return Request(backing_file, self.pos, base & MASK)
 
     def __repr__(self) -> str:
         kind = "sync" if self.is_sync else "queued"
-        return f"<Request {kind} pos={self.pos} flags={self.flags!r} file={self.file!r}>"
+        return (f"<Request {kind} pos={self.pos} flags={IocbFlags(self.flags)!r} "
+                f"file={self.file!r}>")

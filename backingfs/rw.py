@@ -8,8 +8,14 @@ Sync request (``req.complete is None``): ``preadv2``/``pwritev2`` at ``req.pos``
 calling thread, position advanced in place, then the callback, also on failure. Use it in
 worker threads (copy-up) and tests; a trio handler uses the queued helpers below.
 
-Queued request: a BackingAio (see aio.py) does the I/O in a worker thread; reads first try
-``RWF_NOWAIT`` on the calling thread and complete inline when the data is cached.
+Queued request: a BackingAio (aio.py) does the I/O in a worker thread. Two cases complete
+*inline* instead, on the calling thread, returning the result without calling the caller's
+completion (the kernel's "not -EIOCBQUEUED"), and never build an aio:
+- reads first try ``RWF_NOWAIT``: served from the page cache without blocking, else EAGAIN
+  and the worker path;
+- with ``ctx.inline_writes``, buffered writes run inline; one that takes longer than
+  INLINE_WRITE_BUDGET (dirty-page throttling, a slow disk) sends the file's next
+  WRITE_BACKOFF writes to the workers, so a stalled disk stops stalling the loop.
 
 APPEND: backing fds never carry O_APPEND. An APPEND request is written with RWF_APPEND, so
 the backing fs places it at its EOF atomically; ``req.pos`` is set to the EOF seen at
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +36,7 @@ import trio
 from .aio import QUEUED, BackingAio, _Queued
 from .backing_file import BackingFile
 from .context import BackingFileCtx
-from .flags import IocbFlags, to_rwf
+from .flags import APPEND, MASK, NOWAIT, SYNCS, WRITE
 from .inflight import InFlight
 from .request import Request
 from .workers import Workers, default_workers
@@ -36,12 +44,39 @@ from .workers import Workers, default_workers
 #: Optional hook run before a write: strip privileges on the stacked object (privs.py).
 RemovePrivs = Callable[[Any], None]
 
+#: An inline write slower than this (seconds) moves the file's writes to the workers.
+INLINE_WRITE_BUDGET = 0.002
+#: How many queued writes follow a slow inline write before inline is tried again.
+WRITE_BACKOFF = 64
+
 
 def _check_backing(file: object) -> BackingFile:
     # The kernel's FMODE_BACKING check: a stacked handle must never reach the backing side.
-    if not isinstance(file, BackingFile):
+    if type(file) is not BackingFile and not isinstance(file, BackingFile):
         raise OSError(errno.EIO, f"not a backing file: {file!r}")
-    return file
+    return file  # type: ignore[return-value]
+
+
+def _read_nowait(file: BackingFile, buf: Any, pos: int, flags: int) -> int | None:
+    """The read fast path on the calling thread. None: go queued. Raises on a real error
+    (and EAGAIN when the caller itself asked for NOWAIT)."""
+    rwf = (flags & MASK) | NOWAIT
+    try:
+        n = os.preadv(file.fd, [buf], pos, rwf)
+    except BlockingIOError:
+        if flags & NOWAIT:
+            raise
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            file.nowait_ok = False
+            return None
+        raise
+    # Only part was cached? A short read means EOF to FUSE, so unless this is the end of
+    # the file the whole request goes to a worker.
+    if 0 < n < len(buf) and not flags & NOWAIT and pos + n < os.fstat(file.fd).st_size:
+        return None
+    return n
 
 
 def read_iter(file: BackingFile, buf: bytearray | memoryview, req: Request,
@@ -58,43 +93,30 @@ def read_iter(file: BackingFile, buf: bytearray | memoryview, req: Request,
     flags = req.flags & ~ctx.drop_flags
     try:
         if req.is_sync:
-            n = os.preadv(file.fd, [buf], req.pos, to_rwf(flags))
+            n = os.preadv(file.fd, [buf], req.pos, flags & MASK)
             req.pos += n
             return n
+        if file.nowait_ok:
+            n = _read_nowait(file, buf, req.pos, flags)
+            if n is not None:
+                req.pos += n
+                return n
         aio = BackingAio(req, req.clone(file, flags), file, buf, is_write=False,
                          end_write=None, io=io)
-        return aio.submit(workers or default_workers(), try_inline=True)
+        return aio.submit(workers or default_workers())
     finally:
         ctx.accessed(req.file)
 
 
-def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, *,
-               io: InFlight | None = None, workers: Workers | None = None,
-               remove_privs: RemovePrivs | None = None) -> int | _Queued:
-    """Write ``data`` to ``file`` at ``req.pos`` (or its EOF with APPEND) on behalf of ``req``.
-
-    Returns the byte count (sync) or QUEUED; raises OSError on failure. ``end_write(
-    req.file, pos, result)`` runs after every attempt, with the final position; on the
-    queued path it runs on the trio loop before the caller's completion.
-    """
-    _check_backing(file)
-    if len(data) == 0:
-        return 0
-    if remove_privs is not None:
-        remove_privs(req.file)  # an error here is returned before any I/O
-    flags = (req.flags & ~ctx.drop_flags) | IocbFlags.WRITE
-    if flags & IocbFlags.APPEND:
-        req.pos = os.fstat(file.fd).st_size
-    if not req.is_sync:
-        aio = BackingAio(req, req.clone(file, flags), file, data, is_write=True,
-                         end_write=ctx.end_write, io=io)
-        return aio.submit(workers or default_workers(), try_inline=False)
+def _write_sync(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx,
+                flags: int) -> int:
+    """The sync write: on this thread, position advanced in place, end_write always."""
     view = memoryview(data)
     done = 0
-    rwf = to_rwf(flags)
+    rwf = flags & MASK
     try:
         while done < len(view):
-            n = os.pwritev(file.fd, [view[done:]], req.pos, rwf)
+            n = os.pwritev(file.fd, [view[done:] if done else view], req.pos, rwf)
             if n == 0:
                 break
             done += n
@@ -103,37 +125,77 @@ def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, 
         if not done:
             ctx.end_write(req.file, req.pos, -(exc.errno or errno.EIO))
             raise
-    if flags & IocbFlags.APPEND:
+    if flags & APPEND:
         req.pos = os.fstat(file.fd).st_size
     ctx.end_write(req.file, req.pos, done)
     return done
 
 
-class _Waiter:
-    """The caller's completion for the awaitable helpers: records the result, wakes the task."""
+def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, *,
+               io: InFlight | None = None, workers: Workers | None = None,
+               remove_privs: RemovePrivs | None = None) -> int | _Queued:
+    """Write ``data`` to ``file`` at ``req.pos`` (or its EOF with APPEND) on behalf of ``req``.
 
-    __slots__ = ("token", "event", "result")
+    Returns the byte count (sync, or queued that completed inline) or QUEUED; raises
+    OSError on failure. ``end_write(req.file, pos, result)`` runs after every attempt,
+    with the final position; on the queued path it runs on the trio loop before the
+    caller's completion.
+    """
+    _check_backing(file)
+    if len(data) == 0:
+        return 0
+    if remove_privs is not None:
+        remove_privs(req.file)  # an error here is returned before any I/O
+    flags = (req.flags & ~ctx.drop_flags) | WRITE
+    if flags & APPEND:
+        req.pos = os.fstat(file.fd).st_size
+    if req.is_sync:
+        return _write_sync(file, data, req, ctx, flags)
+    if ctx.inline_writes and not flags & SYNCS and not file.flags & os.O_DIRECT:
+        if file.write_backoff == 0:
+            start = time.monotonic()
+            try:
+                return _write_sync(file, data, req, ctx, flags)
+            finally:
+                if time.monotonic() - start > INLINE_WRITE_BUDGET:
+                    file.write_backoff = WRITE_BACKOFF
+        else:
+            file.write_backoff -= 1
+    aio = BackingAio(req, req.clone(file, flags), file, data, is_write=True,
+                     end_write=ctx.end_write, io=io)
+    return aio.submit(workers or default_workers())
+
+
+class _Waiter:
+    """The caller's completion for the awaitable helpers: records the result, wakes the task
+    (directly when the completion runs on the loop thread, as write completions do)."""
+
+    __slots__ = ("token", "thread", "event", "result")
 
     def __init__(self) -> None:
         self.token = trio.lowlevel.current_trio_token()
+        self.thread = threading.get_ident()
         self.event = trio.Event()
         self.result = 0
 
     def __call__(self, req: Request, res: int) -> None:
         self.result = res
-        self.token.run_sync_soon(self.event.set)
-
-    async def wait(self, ret: int | _Queued) -> int:
-        if ret is QUEUED:
-            await self.event.wait()
-            ret = self.result
+        if threading.get_ident() == self.thread:
+            self.event.set()
         else:
-            await trio.lowlevel.checkpoint()
-        assert isinstance(ret, int)
+            self.token.run_sync_soon(self.event.set)
+
+    async def wait(self) -> int:
+        await self.event.wait()
+        ret = self.result
         if ret < 0:
             raise OSError(-ret, os.strerror(-ret))
         return ret
 
+
+# The awaitable helpers complete inline requests without a checkpoint: they are the
+# ``*_nowait`` twins of themselves for cached data, and every FUSE handler task
+# checkpoints when it waits for its next request anyway.
 
 async def read(file: BackingFile, size: int, req: Request, ctx: BackingFileCtx, *,
                io: InFlight | None = None, workers: Workers | None = None) -> memoryview:
@@ -145,8 +207,10 @@ async def read(file: BackingFile, size: int, req: Request, ctx: BackingFileCtx, 
     buf = bytearray(size)
     waiter = _Waiter()
     req.complete = waiter
-    n = await waiter.wait(read_iter(file, buf, req, ctx, io=io, workers=workers))
-    return memoryview(buf)[:n]
+    n = read_iter(file, buf, req, ctx, io=io, workers=workers)
+    if n is QUEUED:
+        n = await waiter.wait()
+    return memoryview(buf)[:n]  # type: ignore[misc]
 
 
 async def write(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, *,
@@ -158,5 +222,7 @@ async def write(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx,
     """
     waiter = _Waiter()
     req.complete = waiter
-    return await waiter.wait(write_iter(file, data, req, ctx, io=io, workers=workers,
-                                        remove_privs=remove_privs))
+    n = write_iter(file, data, req, ctx, io=io, workers=workers, remove_privs=remove_privs)
+    if n is QUEUED:
+        return await waiter.wait()
+    return n  # type: ignore[return-value]

@@ -115,6 +115,13 @@ def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
 
 
 def _ctx(sb: Superblock) -> BackingFileCtx:
+    """The mount's read/write context, built once (it only depends on the mount)."""
+    if sb.rw_ctx is None:
+        sb.rw_ctx = _make_ctx(sb)
+    return sb.rw_ctx
+
+
+def _make_ctx(sb: Superblock) -> BackingFileCtx:
     def end_write(stacked: Any, pos: int, result: int) -> None:
         # ovl_copyattr: runs on the loop with the inode's lock held by write() below.
         if result < 0:
@@ -124,7 +131,8 @@ def _ctx(sb: Superblock) -> BackingFileCtx:
         if handle.file is not None:
             handle.inode.attrs.copyattr(os.fstat(handle.file.fd))
 
-    return BackingFileCtx(end_write=end_write, drop_flags=sb.sync.drop_flags)
+    return BackingFileCtx(end_write=end_write, drop_flags=sb.sync.drop_flags,
+                          inline_writes=True)
 
 
 async def read(sb: Superblock, fh: int, off: int, size: int) -> memoryview:

@@ -27,6 +27,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 
+from backingfs.context import BackingFileCtx
 from backingfs.handles import HandleTable
 from backingfs.inodes import InodeTable
 from backingfs.runner import QuietError
@@ -70,6 +71,7 @@ class Superblock:
         self.whiteout_kind = whiteout_kind
         self.prefix = params.xattr_prefix
         self.sync = SyncPolicy(fsync=params.fsync, volatile=params.volatile)
+        self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
         root = OvlInode.make_root(layers)
         self.inodes: InodeTable[OvlInode] = InodeTable(root)
         self.handles: HandleTable = HandleTable(self.inodes)

@@ -1,0 +1,45 @@
+"""tools/bench.py smoke check: the CLI runs a tiny workload end to end and reports it.
+
+Native target and the meta workload only: no mount, no network, no timing assertions (the
+numbers are whatever the machine gives; only their presence and shape are checked).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from backingfs.testing import REPO_ROOT
+
+BENCH = str(Path(REPO_ROOT) / "tools" / "bench.py")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO_ROOT)
+
+
+def test_quick_meta_on_native_reports_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_bench("--quick", "--targets", "native", "--workloads", "meta", "--files", "50",
+                  "--dir", str(tmp_path / "work"), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "### meta: create (files/s, higher is better)" in r.stdout
+    assert "| native |" in r.stdout
+    assert "meta run 1/1: native" in r.stderr          # progress goes to stderr
+    data = json.loads(out.read_text())
+    assert data["config"]["files"] == 50 and data["config"]["runs"] == 1
+    for metric in ("create", "stat", "readdir", "unlink"):
+        values = data["results"]["meta"][metric]["native"]["values"]
+        assert len(values) == 1 and values[0] > 0
+    # The work directory (data and per-run scratch) is removed without --keep-data.
+    assert not (tmp_path / "work" / "data").exists()
+    assert list((tmp_path / "work").glob("run-*")) == []
+
+
+def test_unknown_target_is_a_one_line_error(tmp_path: Path) -> None:
+    r = run_bench("--quick", "--targets", "nosuchfs", "--dir", str(tmp_path))
+    assert r.returncode != 0
+    assert "unknown target 'nosuchfs'" in r.stderr
