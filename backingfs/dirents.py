@@ -17,7 +17,6 @@ rejected and does *not* give that entry's reference back: the bridge does that.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import inspect
 import os
@@ -104,7 +103,7 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
                 raise
             return accepted
         if entry.next_off != item.next_off:
-            entry = dataclasses.replace(entry, next_off=item.next_off)
+            entry = entry._replace(next_off=item.next_off)
         if not reply(entry):
             break
         accepted += 1

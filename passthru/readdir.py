@@ -11,11 +11,12 @@ reference like any entry, which the bridge gives back. ``..`` of the root is the
 
 Every other entry is a readdirplus entry: a lookup reference and the attributes from an
 O_PATH open and fstat of the name, so ``d_ino == st_ino`` and the kernel needs no LOOKUP
-afterwards. The per-entry syscalls of a batch run in one worker thread (a big cold
-directory must not stall the loop); the table references are then taken on the loop, one
-per entry handed to ``reply``, and the fds of entries that did not fit are closed. An
-entry that vanished since the snapshot is skipped. The batch size follows how many entries
-the kernel's buffer took last time, so little work is thrown away.
+afterwards. The per-entry syscalls of a big batch run in one worker thread (a big cold
+directory must not stall the loop; small ones run inline, see _INLINE_*); the table
+references are then taken on the loop, one per entry handed to ``reply``, and the fds of
+entries that did not fit are closed. An entry that vanished since the snapshot is
+skipped. The batch size follows how many entries the kernel's buffer took last time, so
+little work is thrown away.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ _SHIFT = 2
 
 _MIN_BATCH = 16
 _MAX_BATCH = 1024
+
+#: Small directories are listed, and small batches prepared, on the loop thread: a worker
+#: round trip costs more than a few dozen openat+fstat calls on cached inodes, and most
+#: directories are small. Bigger ones go to a worker so a cold, huge directory cannot stall
+#: every other request. (ext4 directories grow by 4 KiB blocks of ~100-200 names.)
+_INLINE_DIR_BYTES = 16384
+_INLINE_BATCH = 64
 
 #: One entry prepared in a worker: (O_PATH fd, stat) or the OSError it gave.
 _Prepared = tuple[int, os.stat_result] | OSError
@@ -96,7 +104,10 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
     handle: DirHandle = fs.handles.get(fh)
     inode = fs.live(handle.inode.ino)
     if handle.snapshot is None or (off == 0 and handle.is_delivered):
-        names = await trio.to_thread.run_sync(scandir_names, inode.fd)
+        if os.fstat(inode.fd).st_size <= _INLINE_DIR_BYTES:
+            names = scandir_names(inode.fd)
+        else:
+            names = await trio.to_thread.run_sync(scandir_names, inode.fd)
         handle.snapshot = DirSnapshot((name, None) for name, _, _ in names)
         handle.is_delivered = False
     snapshot = handle.snapshot
@@ -117,8 +128,11 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
         batch: list[DirItem[None]] = list(islice(items, batch_size))
         if not batch:
             break
-        prepared = await trio.to_thread.run_sync(_prepare, inode.fd,
-                                                 [item.name for item in batch])
+        names = [item.name for item in batch]
+        if len(names) <= _INLINE_BATCH:
+            prepared = _prepare(inode.fd, names)
+        else:
+            prepared = await trio.to_thread.run_sync(_prepare, inode.fd, names)
         for i, (item, p) in enumerate(zip(batch, prepared, strict=True)):
             if isinstance(p, OSError):
                 if p.errno == errno.ENOENT:
