@@ -10,6 +10,7 @@ Modules (one concept each):
     inflight     InFlight: in-flight request counts per handle/inode/mount, wait_drained()
     context      BackingFileCtx: accessed, end_write, credential policy, dropped flags
     workers      Workers: threads for blocking backing syscalls; never abandons work
+    pressure     LoopPressure: are requests waiting? (inline vs queued I/O)
     aio          BackingAio: one queued request, refcount 2, ordered completion
     rw           read_iter/write_iter (sync and queued) and the awaitable read/write helpers
     attrs        Attr (plain stat record), AttrCache (versioned size/mtime/ctime/mode)

@@ -45,6 +45,7 @@ import trio
 
 from . import fsapi
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest, Statfs
+from .pressure import PRESSURE, find_device_fd
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +443,10 @@ class Pyfuse3Session:
             pyfuse3.init(self.ops, mountpoint, options)
         except RuntimeError as e:
             raise OSError(errno.EIO, str(e)) from None
+        # pyfuse3 does not expose its session fd; it is the /dev/fuse fd it just opened.
+        device = find_device_fd()
+        if device is not None:
+            PRESSURE.watch(device)
 
     async def serve(self, min_tasks: int, max_tasks: int) -> None:
         """Serve requests until unmounted (``fusermount3 -u``) or ``terminate()``."""
@@ -451,4 +456,5 @@ class Pyfuse3Session:
         pyfuse3.terminate()
 
     def unmount(self) -> None:
+        PRESSURE.unwatch()
         pyfuse3.close(unmount=True)

@@ -35,15 +35,16 @@ class BackingFileCtx:
     """Per-call context. ``drop_flags`` are removed before the call (DSYNC|SYNC under
     ``fsync=0``/``volatile``, APPEND under writeback cache).
 
-    ``inline_writes``: a queued buffered write may run on the calling (loop) thread and
-    complete inline, like a write the backing fs finished without queuing. A page-cache
-    write costs microseconds where a worker round trip costs tens to hundreds; a write that
-    turns out slow (dirty throttling) sends the file's next writes to the workers for a
-    while (see rw.py). Never used for DSYNC/SYNC requests or O_DIRECT files.
+    ``inline_io``: a queued request may complete on the calling (loop) thread, like one
+    the backing fs finished without queuing: a buffered write always (a page-cache write
+    costs microseconds where a worker round trip costs tens to hundreds; one that turns out
+    slow, under dirty throttling, sends the file's next writes to the workers for a while),
+    and a read that missed the cache when no other request is waiting (pressure.py). Never
+    for DSYNC/SYNC writes or O_DIRECT files.
     """
 
     accessed: Accessed = _no_accessed
     end_write: EndWrite = _no_end_write
     creds: Any = None
     drop_flags: int = IocbFlags.NONE
-    inline_writes: bool = False
+    inline_io: bool = False

@@ -11,10 +11,11 @@ worker threads (copy-up) and tests; a trio handler uses the queued helpers below
 Queued request: a BackingAio (aio.py) does the I/O in a worker thread. Two cases complete
 *inline* instead, on the calling thread, returning the result without calling the caller's
 completion (the kernel's "not -EIOCBQUEUED"), and never build an aio:
-- reads first try ``RWF_NOWAIT``: served from the page cache without blocking, else EAGAIN
-  and the worker path;
-- with ``ctx.inline_writes``, buffered writes run inline; one that takes longer than
-  INLINE_WRITE_BUDGET (dirty-page throttling, a slow disk) sends the file's next
+- reads first try ``RWF_NOWAIT``: served from the page cache without blocking; on EAGAIN,
+  with ``ctx.inline_io`` and no other request waiting for the loop (pressure.py), the read
+  blocks inline, else it goes to a worker;
+- with ``ctx.inline_io``, buffered writes run inline; one that takes longer than
+  its budget (dirty-page throttling, a slow disk) sends the file's next
   WRITE_BACKOFF writes to the workers, so a stalled disk stops stalling the loop.
 
 APPEND: backing fds never carry O_APPEND. An APPEND request is written with RWF_APPEND, so
@@ -38,14 +39,18 @@ from .backing_file import BackingFile
 from .context import BackingFileCtx
 from .flags import APPEND, MASK, NOWAIT, SYNCS, WRITE
 from .inflight import InFlight
+from .pressure import PRESSURE
 from .request import Request
 from .workers import Workers, default_workers
 
 #: Optional hook run before a write: strip privileges on the stacked object (privs.py).
 RemovePrivs = Callable[[Any], None]
 
-#: An inline write slower than this (seconds) moves the file's writes to the workers.
+#: An inline write slower than INLINE_WRITE_BUDGET seconds plus one second per
+#: INLINE_WRITE_RATE bytes (a write running slower than a slow disk) moves the file's
+#: writes to the workers for a while.
 INLINE_WRITE_BUDGET = 0.002
+INLINE_WRITE_RATE = 100 << 20
 #: How many queued writes follow a slow inline write before inline is tried again.
 WRITE_BACKOFF = 64
 
@@ -101,6 +106,10 @@ def read_iter(file: BackingFile, buf: bytearray | memoryview, req: Request,
             if n is not None:
                 req.pos += n
                 return n
+        if ctx.inline_io and not flags & NOWAIT and PRESSURE.is_idle():
+            n = os.preadv(file.fd, [buf], req.pos, flags & MASK)
+            req.pos += n
+            return n
         aio = BackingAio(req, req.clone(file, flags), file, buf, is_write=False,
                          end_write=None, io=io)
         return aio.submit(workers or default_workers())
@@ -151,13 +160,14 @@ def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, 
         req.pos = os.fstat(file.fd).st_size
     if req.is_sync:
         return _write_sync(file, data, req, ctx, flags)
-    if ctx.inline_writes and not flags & SYNCS and not file.flags & os.O_DIRECT:
+    if ctx.inline_io and not flags & SYNCS and not file.flags & os.O_DIRECT:
         if file.write_backoff == 0:
             start = time.monotonic()
             try:
                 return _write_sync(file, data, req, ctx, flags)
             finally:
-                if time.monotonic() - start > INLINE_WRITE_BUDGET:
+                budget = INLINE_WRITE_BUDGET + len(data) / INLINE_WRITE_RATE
+                if time.monotonic() - start > budget:
                     file.write_backoff = WRITE_BACKOFF
         else:
             file.write_backoff -= 1

@@ -132,7 +132,7 @@ def _make_ctx(sb: Superblock) -> BackingFileCtx:
             handle.inode.attrs.copyattr(os.fstat(handle.file.fd))
 
     return BackingFileCtx(end_write=end_write, drop_flags=sb.sync.drop_flags,
-                          inline_writes=True)
+                          inline_io=True)
 
 
 async def read(sb: Superblock, fh: int, off: int, size: int) -> memoryview:

@@ -95,7 +95,7 @@ class PassthruFs(Filesystem):
         self.ctx = BackingFileCtx(
             end_write=file_ops.end_write,
             drop_flags=IocbFlags.APPEND if self.writeback else IocbFlags.NONE,
-            inline_writes=True)
+            inline_io=True)
         #: Whether FLUSH closes a dup of the backing fd (else ENOSYS, see file.flush). A
         #: network filesystem mounted *inside* SOURCE does not count (only SOURCE's own).
         self.flush_closes = fs_type(fd) in CLOSE_REPORTS_ERRORS
