@@ -16,7 +16,9 @@ object) has been copied up (reference §B.3, §B.4, §B.10, the kernel's ``dir.c
   the name exists below (``RENAME_WHITEOUT``); a directory moved into a merged parent is
   made opaque first.
 
-Blocking parts run in worker threads; the overlay inodes are updated on the loop after.
+Namespace syscalls run inline on the loop, as passthru's do: each is one quick metadata
+operation on a cached directory, and a worker round trip costs more than the call (100-200
+µs per hop on a small VM). Copy-up of data (copyup.py) and fsync stay in workers.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import errno
 import os
 import stat
 from typing import TYPE_CHECKING
-
-import trio
 
 from backingfs import xattrs as bxattrs
 from backingfs.creds import caller_groups, chown_new, new_mode, new_owner
@@ -82,8 +82,8 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     final_mode = new_mode(mode, caller.umask, pst, is_dir, caller.gid, in_group or
                           caller.uid == 0, apply_umask=False)
     src_fd = link_src.upper if link_src is not None else None
-    await trio.to_thread.run_sync(_make_sync, sb, parent_fd, name, kind, final_mode, rdev,
-                                  target, uid, gid, over_whiteout, src_fd)
+    _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid, gid, over_whiteout,
+               src_fd)
     res = resolve(sb, parent, name)
     if not res.exists:
         res.close()
@@ -242,7 +242,7 @@ async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool)
     finally:
         res.close()
     try:
-        if want_dir and not await trio.to_thread.run_sync(is_empty, sb, inode):
+        if want_dir and not is_empty(sb, inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
         await copy_up(sb, parent)
         assert parent.upper is not None
@@ -259,7 +259,7 @@ async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool)
                 else:
                     os.unlink(name, dir_fd=parent_fd)
 
-        await trio.to_thread.run_sync(work)
+        work()
     finally:
         sb.inodes.forget(inode.ino, 1)
 
@@ -315,7 +315,7 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         dst.close()
     try:
         if dst_inode is not None and dst_is_dir and not exchange and \
-                not await trio.to_thread.run_sync(is_empty, sb, dst_inode):
+                not is_empty(sb, dst_inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)
         await copy_up(sb, old_parent)
         await copy_up(sb, new_parent)
@@ -323,9 +323,8 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         if exchange:
             assert dst_inode is not None
             await copy_up(sb, dst_inode)
-        await trio.to_thread.run_sync(
-            _rename_sync, sb, old_parent, old_name, new_parent, new_name, exchange,
-            src_inode, dst_inode if dst_exists else None, src_is_dir, dst_is_dir)
+        _rename_sync(sb, old_parent, old_name, new_parent, new_name, exchange,
+                     src_inode, dst_inode if dst_exists else None, src_is_dir, dst_is_dir)
         src_inode.set_parent(new_parent, new_name)
         if exchange:
             assert dst_inode is not None

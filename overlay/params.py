@@ -31,7 +31,7 @@ class OvlParams:
     userxattr: bool = False  # overlay xattrs in user.overlay.* instead of trusted.overlay.*
     volatile: bool = False
     fsync: bool = True
-    timeout: float = 1.0  # entry and attribute cache timeout, seconds
+    timeout: float = 1e9  # entry and attribute cache timeout, seconds (fuse-overlayfs: 1e9)
     writeback: bool = False
     noacl: bool = False
     static_nlink: bool = False

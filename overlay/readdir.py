@@ -75,7 +75,16 @@ def merged_names(sb: Superblock, inode: OvlInode) -> list[tuple[bytes, int]]:
     return out
 
 
+#: Merged directories whose layer directories total at most this many bytes are listed on
+#: the loop: a worker round trip costs more than listing a small cached directory, and most
+#: are small. (ext4 directories grow by 4 KiB blocks of ~100-200 names.)
+INLINE_DIR_BYTES = 16384
+
+
 async def snapshot(sb: Superblock, inode: OvlInode) -> DirSnapshot[int]:
+    fds = ([inode.upper] if inode.upper is not None else []) + [lw.fd for lw in inode.lowers]
+    if sum(os.fstat(fd).st_size for fd in fds) <= INLINE_DIR_BYTES:
+        return DirSnapshot(merged_names(sb, inode))
     return DirSnapshot(await trio.to_thread.run_sync(merged_names, sb, inode))
 
 
