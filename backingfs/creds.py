@@ -166,3 +166,29 @@ def _chown_fd(fd: int, uid: int, gid: int, mode: int | None) -> None:
         if e.errno != errno.EBADF:
             raise
         os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode))
+
+
+def check_access(st: os.stat_result, mode: int, uid: int, gid: int, pid: int) -> None:
+    """access(2) by mode bits: raise OSError(EACCES) unless ``uid``/``gid`` (and the
+    supplementary groups of ``pid``) may access an object with ``st`` for ``mode``.
+
+    Root passes every check except X on a non-directory no one may execute, as the kernel's
+    generic_permission does. Both filesystems use it only as a fallback: with
+    default_permissions the kernel checks for itself and never sends ACCESS.
+    """
+    want = mode & (os.R_OK | os.W_OK | os.X_OK)
+    if not want:
+        return
+    if uid == 0:
+        if (want & os.X_OK and not stat.S_ISDIR(st.st_mode)
+                and not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)):
+            raise OSError(errno.EACCES, "no execute bit")
+        return
+    if uid == st.st_uid:
+        bits = (st.st_mode >> 6) & 7
+    elif gid == st.st_gid or st.st_gid in caller_groups(pid):
+        bits = (st.st_mode >> 3) & 7
+    else:
+        bits = st.st_mode & 7
+    if want & ~bits:
+        raise OSError(errno.EACCES, "permission denied")

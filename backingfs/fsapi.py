@@ -21,6 +21,7 @@ Contracts every implementation keeps:
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -101,6 +102,12 @@ class Statfs:
     f_ffree: int = 0
     f_favail: int = 0
     f_namemax: int = 255
+
+    @classmethod
+    def from_statvfs(cls, sv: os.statvfs_result) -> Statfs:
+        return cls(f_bsize=sv.f_bsize, f_frsize=sv.f_frsize, f_blocks=sv.f_blocks,
+                   f_bfree=sv.f_bfree, f_bavail=sv.f_bavail, f_files=sv.f_files,
+                   f_ffree=sv.f_ffree, f_favail=sv.f_favail, f_namemax=sv.f_namemax)
 
 
 #: ``reply(entry) -> bool``: False once the kernel's buffer is full; stop producing then.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from backingfs import xattrs as bxattrs
 from backingfs.attrs import Attr
-from backingfs.creds import caller_groups
+from backingfs.creds import check_access
 from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
 from backingfs.syscalls import proc_path, utimens
 
@@ -92,31 +92,14 @@ async def readlink(sb: Superblock, inode: OvlInode) -> bytes:
     return os.fsencode(os.readlink("", dir_fd=inode.data_fd()))
 
 
-# SHARE: same as passthru/inode.py:access (mode bits against uid/gid/groups; root passes
-# all but X on a file nobody may execute), plus overlay's EROFS for W_OK.
 def access(sb: Superblock, inode: OvlInode, mode: int, caller: Caller) -> None:
-    """The caller's permission on the overlay inode's attributes (§B.13, check 1). With
-    default_permissions the kernel makes this check itself and never asks."""
+    """The caller's permission on the overlay inode's attributes (§B.13, check 1), plus
+    EROFS for W_OK on a read-only overlay. With default_permissions the kernel makes this
+    check itself and never asks."""
     if mode & os.W_OK and sb.is_read_only and not stat.S_ISCHR(inode.mode) \
             and not stat.S_ISBLK(inode.mode) and not stat.S_ISFIFO(inode.mode):
         raise OSError(errno.EROFS, "read-only overlay")
-    if mode == os.F_OK:
-        return
-    st = os.fstat(inode.data_fd())
-    if caller.uid == 0:
-        if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-            raise OSError(errno.EACCES, "permission denied")
-        return
-    if caller.uid == st.st_uid:
-        bits = (st.st_mode >> 6) & 7
-    elif caller.gid == st.st_gid or st.st_gid in caller_groups(caller.pid):
-        bits = (st.st_mode >> 3) & 7
-    else:
-        bits = st.st_mode & 7
-    want = (4 if mode & os.R_OK else 0) | (2 if mode & os.W_OK else 0) \
-        | (1 if mode & os.X_OK else 0)
-    if want & ~bits:
-        raise OSError(errno.EACCES, "permission denied")
+    check_access(os.fstat(inode.data_fd()), mode, caller.uid, caller.gid, caller.pid)
 
 
 async def getxattr(sb: Superblock, inode: OvlInode, name: bytes) -> bytes:
@@ -150,10 +133,6 @@ async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
         inode.attrs.invalidate()
 
 
-# SHARE: same as passthru/inode.py:statfs (statvfs of an O_PATH fd -> Statfs).
 async def statfs(sb: Superblock) -> Statfs:
     layer = sb.layers.upper or sb.layers.lowers[0]
-    st = os.statvfs(proc_path(layer.fd))
-    return Statfs(f_bsize=st.f_bsize, f_frsize=st.f_frsize, f_blocks=st.f_blocks,
-                  f_bfree=st.f_bfree, f_bavail=st.f_bavail, f_files=st.f_files,
-                  f_ffree=st.f_ffree, f_favail=st.f_favail, f_namemax=st.f_namemax)
+    return Statfs.from_statvfs(os.statvfs(layer.fd))  # fstatfs works on O_PATH fds

@@ -185,35 +185,12 @@ async def readlink(fs: PassthruFs, ino: int, caller: Caller) -> bytes:
 
 
 async def access(fs: PassthruFs, ino: int, mode: int, caller: Caller) -> None:
-    """access(2) by mode bits against the caller's uid, gid and supplementary groups.
-
-    Only called without default_permissions (which passthru always sets), so it is a
-    fallback: root passes every check except X on a file no one may execute."""
-    inode = fs.live(ino)
-    st = os.fstat(inode.fd)
-    want = mode & (os.R_OK | os.W_OK | os.X_OK)
-    if not want:
-        return
-    if caller.uid == 0:
-        if (want & os.X_OK and not stat.S_ISDIR(st.st_mode)
-                and not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)):
-            raise OSError(errno.EACCES, "no execute bit")
-        return
-    if caller.uid == st.st_uid:
-        bits = (st.st_mode >> 6) & 7
-    elif caller.gid == st.st_gid or st.st_gid in creds.caller_groups(caller.pid):
-        bits = (st.st_mode >> 3) & 7
-    else:
-        bits = st.st_mode & 7
-    if want & ~bits:
-        raise OSError(errno.EACCES, "permission denied")
+    """A fallback only: passthru always mounts with default_permissions."""
+    creds.check_access(os.fstat(fs.live(ino).fd), mode, caller.uid, caller.gid, caller.pid)
 
 
 async def statfs(fs: PassthruFs, caller: Caller) -> Statfs:
-    sv = os.statvfs(fs.inodes.root.fd)  # fstatfs works on O_PATH fds
-    return Statfs(f_bsize=sv.f_bsize, f_frsize=sv.f_frsize, f_blocks=sv.f_blocks,
-                  f_bfree=sv.f_bfree, f_bavail=sv.f_bavail, f_files=sv.f_files,
-                  f_ffree=sv.f_ffree, f_favail=sv.f_favail, f_namemax=sv.f_namemax)
+    return Statfs.from_statvfs(os.statvfs(fs.inodes.root.fd))  # fstatfs works on O_PATH fds
 
 
 # --- xattrs: on the object itself, through its O_PATH fd (symlinks included) -------------

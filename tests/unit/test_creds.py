@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from backingfs.creds import MounterCreds, caller_groups, chown_new, new_mode, new_owner
+from backingfs.creds import (
+    MounterCreds,
+    caller_groups,
+    check_access,
+    chown_new,
+    new_mode,
+    new_owner,
+)
 
 SGID, SUID = stat.S_ISGID, stat.S_ISUID
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod)")
@@ -173,3 +181,21 @@ def test_chown_new_by_open_fd(tmp_path: Path) -> None:
 def test_chown_new_by_name_needs_dir_fd() -> None:
     with pytest.raises(ValueError):
         chown_new("x", 1, 1)
+
+
+def test_check_access_by_mode_bits(tmp_path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    os.chown(p, 1000, 1000)
+    os.chmod(p, 0o640)
+    st = os.stat(p)
+    check_access(st, os.R_OK | os.W_OK, 1000, 5, 1)  # owner: rw-
+    check_access(st, os.R_OK, 7, 1000, 1)  # group: r--
+    check_access(st, os.F_OK, 7, 7, 1)  # existence needs nothing
+    for uid, gid, mode in ((1000, 5, os.X_OK), (7, 1000, os.W_OK), (7, 7, os.R_OK)):
+        with pytest.raises(OSError) as exc:
+            check_access(st, mode, uid, gid, 1)
+        assert exc.value.errno == errno.EACCES
+    check_access(st, os.R_OK | os.W_OK, 0, 0, 1)  # root reads and writes anything ...
+    with pytest.raises(OSError):
+        check_access(st, os.X_OK, 0, 0, 1)  # ... but runs nothing no one may execute
