@@ -104,14 +104,22 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
         handle = OvlFileHandle(inode, file, flags, True)
     else:
         handle = OvlFileHandle(inode, _open_backing(inode.lowers[0].fd, flags), flags, False)
-    return OpenReply(sb.handles.add(handle))
+    return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb))
+
+
+def _keep_cache(sb: Superblock) -> bool:
+    """Keep the kernel's page cache across opens while attributes are cached at all: every
+    change to the data goes through this mount (lower layers changing underneath is
+    undefined behaviour, kernel reference §B.16), and with timeout=0 the user asked to see
+    such changes. What fuse-overlayfs does too."""
+    return sb.params.timeout > 0
 
 
 def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
     """Open a file create() just made on the upper layer."""
     assert inode.upper is not None
     return OpenReply(sb.handles.add(OvlFileHandle(inode, _open_backing(inode.upper, flags),
-                                                  flags, True)))
+                                                  flags, True)), keep_cache=_keep_cache(sb))
 
 
 def _ctx(sb: Superblock) -> BackingFileCtx:
