@@ -11,6 +11,7 @@ Modules (one concept each):
     context      BackingFileCtx: accessed, end_write, credential policy, dropped flags
     workers      Workers: threads for blocking backing syscalls; never abandons work
     pressure     LoopPressure: are requests waiting? (inline vs queued I/O)
+    uring        Uring: io_uring backend for queued I/O, completions on the trio loop
     aio          BackingAio: one queued request, refcount 2, ordered completion
     rw           read_iter/write_iter (sync and queued) and the awaitable read/write helpers
     attrs        Attr (plain stat record), AttrCache (versioned size/mtime/ctime/mode)

@@ -16,6 +16,15 @@ A request whose submission fails (workers shut down) is cleaned up by the submit
 raises; the caller's completion is then *not* called, exactly as with the kernel's
 -EIOCBQUEUED rule. Requests that complete inline never get an aio (see rw.py).
 
+io_uring (uring.py): while a ring is active (``uring.ACTIVE``, set by the runner) and the
+caller did not pick its own Workers pool, ``submit`` on the loop thread hands the I/O to the
+ring instead of a worker. Its completion runs on the loop, reads included: position, then a
+continuation for a short transfer (a write resubmits its remainder, as the thread path
+loops; a read resubmits unless it reached the backing EOF, since FUSE takes a short read
+for EOF), then APPEND's fstat, then the same ``_complete``. A ring that is full, closed or
+refuses the request sends it to the workers instead (a continuation too: ``_work`` resumes
+at ``_done``). The buffer stays referenced by the aio and the ring until completion.
+
 Cancellation: a queued request is never abandoned. A cancelled awaiter only stops waiting;
 the worker keeps its references until it has finished.
 """
@@ -31,12 +40,13 @@ from typing import Any
 
 import trio
 
+from . import uring
 from .backing_file import BackingFile
 from .context import EndWrite
 from .flags import APPEND, to_rwf
 from .inflight import InFlight
 from .request import Request
-from .workers import Workers, WorkersShutDownError
+from .workers import Workers, WorkersShutDownError, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +84,7 @@ class BackingAio:
     """
 
     __slots__ = ("clone", "orig", "file", "buf", "is_write", "end_write", "io", "token",
-                 "_ref", "_lock", "_cleaned", "_done")
+                 "_ref", "_lock", "_cleaned", "_done", "_ring", "_addr", "_len", "_keep")
 
     def __init__(self, orig: Request, clone: Request, file: BackingFile, buf: Any, *,
                  is_write: bool, end_write: EndWrite | None, io: InFlight | None) -> None:
@@ -91,6 +101,10 @@ class BackingAio:
         self._lock = threading.Lock()
         self._cleaned = False
         self._done = 0  # bytes transferred so far (an inline attempt may do part of a write)
+        self._ring: uring.Uring | None = None  # set while the I/O is on an io_uring
+        self._addr = 0  # the buffer's address and length for the ring, and what pins it
+        self._len = 0
+        self._keep: Any = None
         try:
             self.token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
         except RuntimeError:
@@ -123,22 +137,86 @@ class BackingAio:
 
     # -- submission (submitter side) -----------------------------------------------
 
-    def submit(self, workers: Workers) -> _Queued:
+    def submit(self, workers: Workers | None = None) -> _Queued:
         """Queue the I/O and drop the submitter's reference; returns QUEUED.
 
-        Raises OSError(EIO) when the workers refuse the request; the completion-side
-        cleanup (position, end_write) has then run and the caller's completion will not be
-        called. (Inline completion, the NOWAIT read and the inline write, happens in rw.py
-        before an aio is built at all: there is nothing to free then.)
+        ``workers`` None (or the process-wide default pool) lets an active io_uring take
+        the request when called on the ring's thread; a pool of the caller's own always
+        gets it. Raises OSError(EIO) when the workers refuse the request; the
+        completion-side cleanup (position, end_write) has then run and the caller's
+        completion will not be called. (Inline completion, the NOWAIT read and the inline
+        write, happens in rw.py before an aio is built at all: there is nothing to free
+        then.)
         """
+        ring = uring.ACTIVE
+        if (ring is not None and ring.thread == threading.get_ident()
+                and (workers is None or workers is default_workers())
+                and self._ring_submit(ring)):
+            self.put()
+            return QUEUED
         try:
-            workers.submit(self._work)
+            (workers or default_workers()).submit(self._work)
         except WorkersShutDownError:
             self.put()
             self._cleanup(-errno.EIO)
             raise OSError(errno.EIO, "backing I/O workers are shut down") from None
         self.put()
         return QUEUED
+
+    # -- the I/O (io_uring side, on the loop) ------------------------------------------
+
+    def _ring_submit(self, ring: uring.Uring) -> bool:
+        """Put the rest of the transfer (from ``_done``) on the ring; False: use a worker."""
+        try:
+            if self._keep is None:
+                self._addr, self._len, self._keep = uring.buffer_address(
+                    self.buf, writable=not self.is_write)
+            # RWF_HIPRI is a polling hint the kernel refuses on a ring without IOPOLL.
+            rwf = to_rwf(self.clone.flags) & ~os.RWF_HIPRI
+            op = uring.IORING_OP_WRITE if self.is_write else uring.IORING_OP_READ
+            ring.submit(op, self.file.fd, self._addr + self._done, self._len - self._done,
+                        self.clone.pos, rwf, self._ring_done, self._keep)
+        except (OSError, TypeError, ValueError) as exc:
+            log.debug("io_uring refused %r: %s; using a worker", self, exc)
+            self._ring = None
+            return False
+        self._ring = ring
+        return True
+
+    def _ring_done(self, res: int) -> None:
+        """The ring's completion, on the loop thread: continue a short transfer, or finish."""
+        ring = self._ring
+        clone = self.clone
+        if res > 0:
+            self._done += res
+            clone.pos += res
+            if self._done < self._len and self._wants_more():
+                if ring is not None and self._ring_submit(ring):
+                    return
+                try:
+                    default_workers().submit(self._work)  # resumes at _done
+                    return
+                except WorkersShutDownError:
+                    pass  # complete with the partial count
+        self._ring = None
+        self._keep = None
+        if self._done:
+            res = self._done
+        if self.is_write and clone.flags & APPEND and res > 0:
+            try:
+                clone.pos = os.fstat(self.file.fd).st_size
+            except OSError as exc:
+                log.warning("fstat after an append failed: %s", exc)
+        self._complete(res)
+
+    def _wants_more(self) -> bool:
+        """After a short transfer: a write always continues; a read unless at EOF."""
+        if self.is_write:
+            return True
+        try:
+            return self.clone.pos < os.fstat(self.file.fd).st_size
+        except OSError:
+            return False
 
     # -- the I/O (worker side) -------------------------------------------------------
 
@@ -157,9 +235,11 @@ class BackingAio:
         rwf = to_rwf(clone.flags)
         try:
             if not self.is_write:
-                n = os.preadv(file.fd, [self.buf], clone.pos, rwf)
+                done = self._done  # non-zero when resuming a short ring read
+                n = os.preadv(file.fd, [memoryview(self.buf)[done:] if done else self.buf],
+                              clone.pos, rwf)
                 clone.pos += n
-                return n
+                return done + n
             view = memoryview(self.buf)
             while self._done < len(view):
                 n = os.pwritev(file.fd, [view[self._done:]], clone.pos, rwf)

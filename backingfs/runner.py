@@ -14,6 +14,9 @@
    ``pyfuse3.terminate()``, SIGUSR1 -> ``fs.statistics()`` logged at INFO). A signal that
    arrives between the mount and the loop is recorded and acted on when the loop starts,
    never lost (its default action would leave a dead mount behind).
+   The queued backing I/O backend is chosen first: an io_uring (uring.py) when
+   ``Uring.probe()`` allows and BACKINGFS_IO is not "threads", its reaper task in an outer
+   nursery that outlives ``fs.destroy()``; else worker threads. Logged once at INFO.
 4. ``pyfuse3.main`` returns on ``fusermount3 -u`` (the kernel ends the session) or after
    ``terminate()``. Then ``fs.destroy()`` runs shielded, then ``pyfuse3.close(unmount=True)``.
 
@@ -38,6 +41,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from . import uring
 from .bridge import Pyfuse3Session
 from .fsapi import Filesystem
 from .options import UsageError, escape_fuse_option, parse_option
@@ -54,6 +58,12 @@ MIN_TASKS = 1
 #: max_background=0 in INIT, which keeps the kernel's default of 12, too few for a queue
 #: depth of 16. Raised through fusectl when /sys/fs/fuse/connections is mounted.
 MAX_BACKGROUND = 64
+
+#: Environment switch for the queued backing I/O: "threads" forces the worker threads
+#: (comparison, escape hatch); otherwise io_uring when ``Uring.probe()`` allows it.
+IO_ENV = "BACKINGFS_IO"
+#: Ring size: more than MAX_TASKS requests, each of which has at most one op in flight.
+URING_ENTRIES = 256
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _SIGNALS = (*_STOP_SIGNALS, signal.SIGUSR1)
@@ -279,6 +289,43 @@ def _serve(fs: Filesystem, mountpoint: str, options: set[str],
 
 
 async def _session(fs: Filesystem, session: Pyfuse3Session, mountpoint: str) -> int:
+    # The ring's reaper lives in an outer nursery: it must outlast fs.destroy(), which
+    # waits for every queued request, ring ones included, to complete.
+    async with trio.open_nursery() as backend:
+        ring = await _start_io_backend(backend)
+        try:
+            return await _serve_session(fs, session, mountpoint)
+        finally:
+            if ring is not None:
+                uring.ACTIVE = None
+                if ring.pending:  # destroy() failed to drain: leave the ring, never unmap
+                    log.error("io_uring still has %d requests after destroy", ring.pending)
+                else:
+                    log.info("backing I/O: io_uring completed %d requests", ring.completed)
+                    ring.close()
+            backend.cancel_scope.cancel()
+
+
+async def _start_io_backend(nursery: trio.Nursery) -> uring.Uring | None:
+    """An io_uring for the queued backing I/O when usable, unless BACKINGFS_IO=threads."""
+    choice = os.environ.get(IO_ENV, "").strip().lower()
+    reason = "BACKINGFS_IO=threads" if choice == "threads" else uring.Uring.probe()
+    ring = None
+    if reason is None:
+        try:
+            ring = uring.Uring(URING_ENTRIES)
+        except OSError as e:
+            reason = str(e)
+    if ring is None:
+        log.info("backing I/O: threads (%s)", reason)
+        return None
+    await nursery.start(ring.run)
+    uring.ACTIVE = ring
+    log.info("backing I/O: io_uring")
+    return ring
+
+
+async def _serve_session(fs: Filesystem, session: Pyfuse3Session, mountpoint: str) -> int:
     code = 0
     try:
         async with trio.open_nursery() as nursery:

@@ -41,7 +41,7 @@ from .flags import APPEND, MASK, NOWAIT, SYNCS, WRITE
 from .inflight import InFlight
 from .pressure import PRESSURE
 from .request import Request
-from .workers import Workers, default_workers
+from .workers import Workers
 
 #: Optional hook run before a write: strip privileges on the stacked object (privs.py).
 RemovePrivs = Callable[[Any], None]
@@ -112,7 +112,7 @@ def read_iter(file: BackingFile, buf: bytearray | memoryview, req: Request,
             return n
         aio = BackingAio(req, req.clone(file, flags), file, buf, is_write=False,
                          end_write=None, io=io)
-        return aio.submit(workers or default_workers())
+        return aio.submit(workers)
     finally:
         ctx.accessed(req.file)
 
@@ -173,7 +173,7 @@ def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, 
             file.write_backoff -= 1
     aio = BackingAio(req, req.clone(file, flags), file, data, is_write=True,
                      end_write=ctx.end_write, io=io)
-    return aio.submit(workers or default_workers())
+    return aio.submit(workers)
 
 
 class _Waiter:

@@ -1,0 +1,377 @@
+"""The io_uring backend: raw round trips and errors, 1,000 concurrent reads, RWF_APPEND,
+teardown; and the queued read/write path with a ring active (sizes, versions, leaks)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from backingfs import rw, uring
+from backingfs.aio import live_aios
+from backingfs.attrs import Attr, AttrCache
+from backingfs.backing_file import BackingFile
+from backingfs.context import BackingFileCtx
+from backingfs.flags import IocbFlags
+from backingfs.inflight import InFlight
+from backingfs.request import Request
+from backingfs.uring import IORING_OP_READ, IORING_OP_WRITE, Uring, buffer_address
+
+
+class Stacked:
+    def __init__(self) -> None:
+        self.attrs = AttrCache()
+        self.versions: list[int] = []
+
+
+def end_write_grows(h: Stacked, pos: int, res: int) -> None:
+    if res > 0:
+        h.attrs.grow_size(pos)
+        h.versions.append(h.attrs.version)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+REASON = Uring.probe()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"io_uring unusable: {REASON}")
+
+
+@asynccontextmanager
+async def running_ring(entries: int = 256, *, active: bool = False) -> AsyncIterator[Uring]:
+    ring = Uring(entries)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ring.run)
+        if active:
+            uring.ACTIVE = ring
+        try:
+            yield ring
+        finally:
+            uring.ACTIVE = None
+            nursery.cancel_scope.cancel()
+    assert ring.pending == 0
+    ring.close()
+
+
+async def do(ring: Uring, op: int, fd: int, buf: object, offset: int, rw_flags: int = 0) -> int:
+    addr, n, keep = buffer_address(buf, writable=op == IORING_OP_READ)
+    done = trio.Event()
+    result: list[int] = []
+
+    def callback(res: int) -> None:
+        result.append(res)
+        done.set()
+
+    ring.submit(op, fd, addr, n, offset, rw_flags, callback, keep)
+    await done.wait()
+    return result[0]
+
+
+def test_round_trips_at_odd_offsets_and_errno_results(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDWR)
+        async with running_ring(8) as ring:
+            data = os.urandom(10007)
+            assert await do(ring, IORING_OP_WRITE, fd, data, 4093) == 10007
+            view = memoryview(bytearray(b"xyz" * 100))[1:200]  # writable, not at offset 0
+            assert await do(ring, IORING_OP_WRITE, fd, view, 3) == 199
+            expect = bytearray(4093 + 10007)
+            expect[4093:] = data
+            expect[3:202] = bytes(view)
+            assert os.pread(fd, 20000, 0) == bytes(expect)
+
+            buf = bytearray(777)
+            assert await do(ring, IORING_OP_READ, fd, buf, 5001) == 777
+            assert buf == expect[5001:5778]
+            tail = bytearray(100)  # across EOF: the short tail
+            assert await do(ring, IORING_OP_READ, fd, tail, len(expect) - 31) == 31
+            assert tail[:31] == expect[-31:]
+
+            closed = os.open(p, os.O_RDONLY)
+            os.close(closed)
+            assert await do(ring, IORING_OP_READ, closed, bytearray(8), 0) == -errno.EBADF
+            ro = os.open(p, os.O_RDONLY)
+            assert await do(ring, IORING_OP_WRITE, ro, b"nope", 0) == -errno.EBADF
+            os.close(ro)
+            assert await do(ring, IORING_OP_READ, fd, bytearray(8), 0, 1 << 30) \
+                == -errno.EOPNOTSUPP  # an unknown RWF bit
+            directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+            assert await do(ring, IORING_OP_READ, directory, bytearray(8), 0) == -errno.EISDIR
+            os.close(directory)
+            assert ring.pending == 0
+        os.close(fd)
+
+    trio.run(main)
+
+
+def test_bytes_are_addressed_in_place() -> None:
+    data = b"in place" * 10
+    addr, n, keep = buffer_address(data, writable=False)
+    assert n == len(data)
+    assert addr == id(data) + (data.__sizeof__() - len(data) - 1)  # PyBytesObject.ob_sval
+    with pytest.raises(TypeError):
+        buffer_address(data, writable=True)
+    ba = bytearray(16)
+    addr, n, keep = buffer_address(ba, writable=True)
+    with pytest.raises(BufferError):
+        ba.extend(b"x")  # pinned: cannot move under the kernel
+    del keep
+    ba.extend(b"x")
+
+
+def test_1000_concurrent_reads_of_distinct_offsets(tmp_path: Path) -> None:
+    p = tmp_path / "big"
+    data = os.urandom(4 << 20)
+    p.write_bytes(data)
+    rng = random.Random(7)
+    reads = [(rng.randrange(0, len(data) - 8192), rng.randrange(1, 8192)) for _ in range(1000)]
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        async with running_ring(64) as ring:  # smaller than the load: busy is exercised
+            busy = 0
+
+            async def one(off: int, n: int) -> None:
+                nonlocal busy
+                buf = bytearray(n)
+                while True:
+                    try:
+                        res = await do(ring, IORING_OP_READ, fd, buf, off)
+                        break
+                    except uring.UringBusyError:
+                        busy += 1
+                        await trio.sleep(0)
+                assert res == n
+                assert buf == data[off:off + n]
+
+            async with trio.open_nursery() as nursery:
+                for off, n in reads:
+                    nursery.start_soon(one, off, n)
+            assert ring.pending == 0
+            assert ring.completed == ring.submitted >= 1000
+        os.close(fd)
+
+    trio.run(main)
+
+
+def test_rwf_append_lands_at_eof(tmp_path: Path) -> None:
+    p = tmp_path / "log"
+    p.write_bytes(b"0123456789")
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDWR)
+        async with running_ring(4) as ring:
+            assert await do(ring, IORING_OP_WRITE, fd, b"ab", 0, os.RWF_APPEND) == 2
+        os.close(fd)
+
+    trio.run(main)
+    assert p.read_bytes() == b"0123456789ab"
+
+
+def test_close_with_nothing_pending_releases_every_fd_and_refuses_when_pending(
+        tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 4096)
+    before = fd_count()
+    ring = Uring(4)
+    assert fd_count() >= before + 2  # the ring and its eventfd (mmap objects dup theirs)
+    ring.close()
+    ring.close()  # idempotent
+    assert fd_count() == before
+    with pytest.raises(uring.UringBusyError):
+        ring.submit(IORING_OP_READ, 0, 0, 0, 0, 0, lambda res: None)
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        ring = Uring(4)
+        buf = bytearray(4096)
+        addr, n, keep = buffer_address(buf, writable=True)
+        got: list[int] = []
+        ring.submit(IORING_OP_READ, fd, addr, n, 0, 0, got.append, keep)
+        assert ring.pending == 1
+        with pytest.raises(RuntimeError):
+            ring.close()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ring.run)
+            while not got:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert got == [4096] and ring.pending == 0
+        ring.close()
+        os.close(fd)
+
+    trio.run(main)
+    assert fd_count() == before
+
+
+# -- the queued path with a ring active -----------------------------------------------------
+
+def test_1000_concurrent_extending_writes_on_the_ring_keep_size_and_monotonic_version(
+        tmp_path: Path) -> None:
+    p = tmp_path / "grow"
+    p.write_bytes(b"")
+    rng = random.Random(1234)
+    writes = [(rng.randrange(0, 4 << 20), rng.randrange(1, 4096)) for _ in range(1000)]
+    stacked = Stacked()
+    ctx = BackingFileCtx(end_write=end_write_grows)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        io = InFlight()
+        async with running_ring(1024, active=True) as ring:  # room for all 1000 at once
+
+            async def one(off: int, n: int) -> None:
+                assert await rw.write(file, b"w" * n, Request(stacked, off), ctx, io=io) == n
+
+            async def stat_racer() -> None:
+                for _ in range(200):
+                    v = stacked.attrs.version
+                    st = await trio.to_thread.run_sync(os.fstat, file.fd)
+                    stacked.attrs.merge(Attr.from_stat(st), v)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stat_racer)
+                for off, n in writes:
+                    nursery.start_soon(one, off, n)
+            await io.wait_drained()
+            assert ring.submitted == 1000  # every write went to the ring, none to threads
+        backing = os.fstat(file.fd).st_size
+        assert backing == max(off + n for off, n in writes)
+        assert stacked.attrs.size == backing
+        assert stacked.versions == sorted(stacked.versions)
+        assert len(set(stacked.versions)) == len(stacked.versions) == 1000
+        file.put()
+
+    trio.run(main)
+    assert live_aios() == 0
+
+
+def test_append_on_the_ring_sets_the_position_to_eof(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"0123456789")
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        async with running_ring(active=True) as ring:
+            req = Request(Stacked(), 3, IocbFlags.APPEND)
+            assert await rw.write(file, b"cd", req, BackingFileCtx()) == 2
+            assert req.pos == 12
+            assert ring.submitted == 1
+        file.put()
+
+    trio.run(main)
+    assert p.read_bytes() == b"0123456789cd"
+
+
+def test_5000_mixed_queued_requests_on_the_ring_leak_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "mixed"
+    data = os.urandom(1 << 20)
+    p.write_bytes(data)
+    rng = random.Random(99)
+    ops = [(rng.random() < 0.5, rng.randrange(0, (1 << 20) - 4096), rng.randrange(1, 4096))
+           for _ in range(5000)]
+    base_fds = fd_count()
+
+    async def main() -> None:
+        async with running_ring(active=True) as ring:
+            file = BackingFile.open(p, os.O_RDWR)
+            file.nowait_ok = False  # no page-cache fast path: every read is queued
+            io = InFlight()
+            errors: list[BaseException] = []
+
+            async def one(is_write: bool, off: int, n: int) -> None:
+                try:
+                    # writes rewrite the same bytes, so every read can be checked exactly
+                    if is_write:
+                        await rw.write(file, data[off:off + n], Request(Stacked(), off),
+                                       BackingFileCtx(), io=io)
+                    else:
+                        got = await rw.read(file, n, Request(Stacked(), off), BackingFileCtx(),
+                                            io=io)
+                        assert bytes(got) == data[off:off + n]
+                except BaseException as exc:  # noqa: BLE001 - collected and checked below
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for is_write, off, n in ops:
+                    nursery.start_soon(one, is_write, off, n)
+            await io.wait_drained()
+            assert not errors
+            assert ring.submitted >= 512  # the ring took what fits; the rest went to threads
+            file.put()
+            assert file.is_closed
+
+    trio.run(main)
+    assert live_aios() == 0
+    assert fd_count() == base_fds
+
+
+def test_a_pool_of_the_callers_own_still_gets_every_queued_request(tmp_path: Path) -> None:
+    from backingfs.workers import Workers
+
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    workers = Workers(max_threads=2)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        async with running_ring(active=True) as ring:
+            assert await rw.write(file, b"abc", Request(Stacked(), 0), BackingFileCtx(),
+                                  workers=workers) == 3
+            assert ring.submitted == 0
+        file.put()
+
+    trio.run(main)
+    assert workers.statistics().queued == 1
+    workers.shutdown()
+
+
+def cap_ring_transfers(ring: Uring, cap: int) -> None:
+    """Make every op on ``ring`` move at most ``cap`` bytes: short transfers on demand."""
+    submit = ring.submit
+
+    def short(op: int, fd: int, addr: int, length: int, *rest: object) -> None:
+        submit(op, fd, addr, min(length, cap), *rest)  # type: ignore[arg-type]
+
+    ring.submit = short  # type: ignore[method-assign]
+
+
+def test_short_ring_writes_and_reads_are_continued_until_done_or_eof(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    data = os.urandom(1000)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDWR)
+        file.nowait_ok = False
+        async with running_ring(active=True) as ring:
+            cap_ring_transfers(ring, 100)
+            req = Request(Stacked(), 5)
+            assert await rw.write(file, data, req, BackingFileCtx()) == 1000
+            assert req.pos == 1005
+            assert ring.submitted == 10
+
+            req = Request(Stacked(), 5)
+            got = await rw.read(file, 1000, req, BackingFileCtx())
+            assert bytes(got) == data and req.pos == 1005
+            assert ring.submitted == 20
+
+            req = Request(Stacked(), 850)  # 155 bytes to EOF: two ops, not a third at EOF
+            got = await rw.read(file, 4096, req, BackingFileCtx())
+            assert bytes(got) == data[845:] and req.pos == 1005
+            assert ring.submitted == 22
+        file.put()
+
+    trio.run(main)
+    assert p.read_bytes() == bytes(5) + data
+    assert live_aios() == 0
