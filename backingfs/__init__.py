@@ -20,6 +20,7 @@ Modules (one concept each):
     dirents      DirSnapshot: stable offsets per open directory; scandir of an O_PATH fd
     syscalls     renameat2, utimensat with UTIME_OMIT, O_PATH open/reopen helpers
     xattrs       xattr get/list/set/remove on fds (O_PATH too) and (dir fd, name)
+    setattr      setattr_backing: owner, mode, size, times on an O_PATH fd, in native order
     copyfile     copy_data for copy-up: reflink -> copy_file_range -> read/write, holes kept
     privs        suid/sgid/security.capability stripping before a write or truncate
     creds        whose credentials backing syscalls use; owner and mode of new objects

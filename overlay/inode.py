@@ -22,7 +22,8 @@ from backingfs import xattrs as bxattrs
 from backingfs.attrs import Attr
 from backingfs.creds import check_access
 from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
-from backingfs.syscalls import proc_path, utimens
+from backingfs.setattr import setattr_backing
+from backingfs.syscalls import proc_path
 
 from . import xattrs as oxattrs
 from .copyup import copy_up
@@ -64,24 +65,15 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
     await copy_up(sb, inode, size=changes.size)
     async with inode.lock:
         assert inode.upper is not None
-        # SHARE: same as passthru/inode.py:setattr (chown/chmod/truncate/utimens applied to
-        # an O_PATH fd through its /proc magic link).
-        path = proc_path(inode.upper)
-        if changes.uid is not None or changes.gid is not None:
-            os.chown(path, -1 if changes.uid is None else changes.uid,
-                     -1 if changes.gid is None else changes.gid)
-        if changes.mode is not None and not stat.S_ISLNK(inode.mode):
-            os.chmod(path, stat.S_IMODE(changes.mode))
-        if changes.size is not None:
-            if not stat.S_ISREG(inode.mode):
-                raise OSError(errno.EISDIR if inode.is_dir else errno.EINVAL, "truncate")
+        upper = inode.upper
+
+        async def truncate(size: int) -> None:
             if fh_fd is not None:
-                os.ftruncate(fh_fd, changes.size)
+                os.ftruncate(fh_fd, size)
             else:
-                os.truncate(path, changes.size)
-        if changes.atime_ns is not None or changes.mtime_ns is not None:
-            utimens(inode.upper, changes.atime_ns, changes.mtime_ns)
-        st = os.fstat(inode.upper)
+                os.truncate(proc_path(upper), size)
+
+        st = await setattr_backing(upper, stat.S_IFMT(inode.mode), changes, truncate)
         inode.attrs.copyattr(st)
         return make_entry(sb, inode, st)
 

@@ -29,6 +29,7 @@ from backingfs import creds, syscalls, xattrs
 from backingfs.attrs import Attr
 from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
 from backingfs.inodes import Inode
+from backingfs.setattr import setattr_backing
 
 if TYPE_CHECKING:
     from .superblock import PassthruFs
@@ -127,26 +128,12 @@ async def getattr(fs: PassthruFs, ino: int, caller: Caller) -> Entry:
 
 async def setattr(fs: PassthruFs, ino: int, changes: SetattrRequest, fh: int | None,
                   caller: Caller) -> Entry:
-    """Apply ``changes`` in the order a native chown+chmod+truncate+utimens would leave
-    them: owner first (a chown clears set-id bits), then mode, size, times. Permission
-    checks are the kernel's (default_permissions); ctime cannot be set and is ignored."""
+    """backingfs.setattr's order (owner, mode, size, times); permission checks are the
+    kernel's (default_permissions)."""
     inode = fs.live(ino)
     async with inode.lock:
-        path = syscalls.proc_path(inode.fd)
-        if changes.uid is not None or changes.gid is not None:
-            uid = -1 if changes.uid is None else changes.uid
-            gid = -1 if changes.gid is None else changes.gid
-            # The magic link is followed to the object itself, a symlink included.
-            os.chown(path, uid, gid)
-        if changes.mode is not None:
-            if inode.fmt == stat.S_IFLNK:
-                raise OSError(errno.EOPNOTSUPP, "cannot chmod a symlink")
-            os.chmod(path, stat.S_IMODE(changes.mode))
-        if changes.size is not None:
-            await _truncate(fs, inode, changes.size, fh)
-        if changes.atime_ns is not None or changes.mtime_ns is not None:
-            syscalls.utimens(inode.fd, changes.atime_ns, changes.mtime_ns)
-        st = os.fstat(inode.fd)
+        st = await setattr_backing(inode.fd, inode.fmt, changes,
+                                   lambda size: _truncate(fs, inode, size, fh))
         inode.attrs.copyattr(st)
     return make_entry(fs, inode, st)
 
@@ -154,8 +141,6 @@ async def setattr(fs: PassthruFs, ino: int, changes: SetattrRequest, fh: int | N
 async def _truncate(fs: PassthruFs, inode: PassthruInode, size: int, fh: int | None) -> None:
     """Through the open handle when the kernel names one (it may be the only way to reach
     an unlinked file's data with write access), else a short-lived O_WRONLY reopen."""
-    if inode.fmt == stat.S_IFDIR:
-        raise OSError(errno.EISDIR, "cannot truncate a directory")
     if fh is not None:
         handle = fs.handles.begin_io(fh)
         try:
