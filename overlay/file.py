@@ -167,6 +167,20 @@ async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:
         handle.io.end_io()
 
 
+async def flush(sb: Superblock, fh: int) -> None:
+    """close(2) of a stacked fd: close a duplicate of the upper fd where that can report a
+    write error (NFS, FUSE, ...); elsewhere ENOSYS, and the kernel stops sending FLUSH for
+    the rest of the mount (backingfs.syscalls.CLOSE_REPORTS_ERRORS)."""
+    if not sb.flush_closes:
+        raise OSError(errno.ENOSYS, "flush is not needed on this upper filesystem")
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        if handle.is_upper and handle.file is not None:
+            os.close(os.dup(handle.file.fd))
+    finally:
+        handle.io.end_io()
+
+
 async def fsync(sb: Superblock, fh: int, datasync: bool) -> None:
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:

@@ -129,6 +129,9 @@ class OverlayFs(Filesystem):
     async def write(self, fh: int, off: int, data: bytes) -> int:
         return await ovl_file.write(self.sb, fh, off, data)
 
+    async def flush(self, fh: int) -> None:
+        await ovl_file.flush(self.sb, fh)
+
     async def release(self, fh: int) -> None:
         await ovl_file.release(self.sb, fh)
 

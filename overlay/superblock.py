@@ -32,7 +32,7 @@ from backingfs.handles import HandleTable
 from backingfs.inodes import InodeTable
 from backingfs.runner import QuietError
 from backingfs.sync import SyncPolicy
-from backingfs.syscalls import O_PATH_NOFOLLOW
+from backingfs.syscalls import O_PATH_NOFOLLOW, close_reports_errors
 
 from .entry import OvlInode
 from .layers import Layer, LayerStack, open_layer
@@ -72,6 +72,8 @@ class Superblock:
         self.prefix = params.xattr_prefix
         self.sync = SyncPolicy(fsync=params.fsync, volatile=params.volatile)
         self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
+        # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
+        self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)
         root = OvlInode.make_root(layers)
         self.inodes: InodeTable[OvlInode] = InodeTable(root)
         self.handles: HandleTable = HandleTable(self.inodes)

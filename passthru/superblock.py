@@ -16,8 +16,6 @@ st_dev, and a st_ino already taken gets a number from the table's reserved range
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -37,6 +35,7 @@ from backingfs.fsapi import (
 )
 from backingfs.handles import Handle, HandleTable
 from backingfs.inodes import InodeTable
+from backingfs.syscalls import close_reports_errors
 from backingfs.workers import Workers, default_workers
 
 from . import dir as dir_ops
@@ -45,32 +44,6 @@ from . import inode as inode_ops
 from . import readdir as readdir_ops
 from .inode import PassthruInode
 from .params import Params
-
-#: statfs f_type of filesystems whose close(2) may report a write error (data is sent to
-#: a server or another daemon at close); FLUSH is served only for these (file.flush).
-CLOSE_REPORTS_ERRORS = frozenset({
-    0x6969,  # nfs
-    0x65735546,  # fuse
-    0xFF534D42,  # cifs
-    0xFE534D42,  # smb2
-    0x517B,  # smb
-    0x00C36400,  # ceph
-    0x01021997,  # 9p
-    0x6B414653, 0x5346414F,  # afs
-})
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def fs_type(fd: int) -> int | None:
-    """statfs ``f_type`` of the filesystem holding ``fd`` (O_PATH fine); None on error.
-
-    ``os.statvfs`` does not report it. ``f_type`` is the first member of struct statfs,
-    a native long on Linux."""
-    buf = ctypes.create_string_buffer(256)  # larger than struct statfs on every arch
-    if _libc.fstatfs(fd, buf) != 0:
-        return None
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
 class PassthruFs(Filesystem):
@@ -98,7 +71,7 @@ class PassthruFs(Filesystem):
             inline_io=True)
         #: Whether FLUSH closes a dup of the backing fd (else ENOSYS, see file.flush). A
         #: network filesystem mounted *inside* SOURCE does not count (only SOURCE's own).
-        self.flush_closes = fs_type(fd) in CLOSE_REPORTS_ERRORS
+        self.flush_closes = close_reports_errors(fd)
         self.uid = os.geteuid()  # the daemon's ids: objects it makes need no chown for
         self.gid = os.getegid()  # a caller with the same ones
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import OvlLayers
+from ovl_layers import OvlLayers
 
 from backingfs.options import UsageError, parse_argv, split_fuse_options
 from backingfs.testing import cli_env, find_daemon_pid, is_fuse_mounted

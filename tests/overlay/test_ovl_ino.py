@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import OvlLayers
+from ovl_layers import OvlLayers
 
 pytestmark = pytest.mark.timeout(90)
 

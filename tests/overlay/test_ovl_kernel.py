@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import OvlLayers
+from ovl_layers import OvlLayers
 
 pytestmark = pytest.mark.timeout(90)
 

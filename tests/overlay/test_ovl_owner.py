@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import OvlLayers
+from ovl_layers import OvlLayers
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -6,7 +6,7 @@ import ctypes
 import os
 
 import pytest
-from conftest import OvlLayers
+from ovl_layers import OvlLayers
 
 pytestmark = pytest.mark.timeout(60)
 
