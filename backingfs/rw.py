@@ -95,7 +95,7 @@ def read_iter(file: BackingFile, buf: bytearray | memoryview, req: Request,
     _check_backing(file)
     if len(buf) == 0:
         return 0
-    flags = req.flags & ~ctx.drop_flags
+    flags = req.flags & ~int(ctx.drop_flags)
     try:
         if req.is_sync:
             n = os.preadv(file.fd, [buf], req.pos, flags & MASK)
@@ -155,7 +155,7 @@ def write_iter(file: BackingFile, data: Any, req: Request, ctx: BackingFileCtx, 
         return 0
     if remove_privs is not None:
         remove_privs(req.file)  # an error here is returned before any I/O
-    flags = (req.flags & ~ctx.drop_flags) | WRITE
+    flags = (req.flags & ~int(ctx.drop_flags)) | WRITE
     if flags & APPEND:
         req.pos = os.fstat(file.fd).st_size
     if req.is_sync:

@@ -32,7 +32,7 @@ import trio
 
 from backingfs import rw, syscalls
 from backingfs.backing_file import BackingFile
-from backingfs.flags import IocbFlags, from_open_flags
+from backingfs.flags import APPEND, IocbFlags, from_open_flags
 from backingfs.fsapi import Caller, Entry, OpenReply
 from backingfs.handles import Handle
 from backingfs.request import Request
@@ -56,7 +56,7 @@ class FileHandle(Handle):
 
     def __init__(self, inode: PassthruInode, file: BackingFile, flags: IocbFlags) -> None:
         super().__init__(inode, file)
-        self.flags = flags  # IocbFlags for every request on this handle
+        self.flags = int(flags)  # IocbFlags bits for every request, as a plain int (hot path)
 
 
 def backing_flags(fs: PassthruFs, flags: int) -> tuple[int, IocbFlags]:
@@ -173,7 +173,7 @@ async def write(fs: PassthruFs, fh: int, off: int, data: bytes) -> int:
     try:
         assert handle.file is not None
         req = Request(handle, off, handle.flags)
-        if handle.flags & IocbFlags.APPEND:
+        if handle.flags & APPEND:
             # rw.write_iter samples the EOF at submission: the lock makes it exact.
             async with handle.inode.lock:
                 return await rw.write(handle.file, data, req, fs.ctx, io=handle.io,
