@@ -26,7 +26,7 @@ import trio
 from backingfs import rw
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
-from backingfs.flags import IocbFlags, from_open_flags
+from backingfs.flags import APPEND, from_open_flags
 from backingfs.fsapi import OpenReply
 from backingfs.handles import Handle
 from backingfs.request import Request
@@ -56,7 +56,7 @@ class OvlFileHandle(Handle):
     def __init__(self, inode: OvlInode, file: BackingFile, flags: int, is_upper: bool) -> None:
         super().__init__(inode, file)
         self.flags = flags
-        self.iocb = from_open_flags(flags)
+        self.iocb = int(from_open_flags(flags))  # request flags as a plain int (hot path)
         self.is_upper = is_upper
 
     def current(self) -> BackingFile:
@@ -147,7 +147,7 @@ async def read(sb: Superblock, fh: int, off: int, size: int) -> memoryview:
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:
         file = handle.current()
-        req = Request(handle, off, handle.iocb & ~IocbFlags.APPEND)
+        req = Request(handle, off, handle.iocb & ~APPEND)
         return await rw.read(file, size, req, _ctx(sb))
     finally:
         handle.io.end_io()
