@@ -26,11 +26,31 @@ from typing import Generic, NamedTuple, TypeVar
 
 import trio
 
-from .fsapi import DirEntry, ReaddirReply
+from .fsapi import DirEntry, Entry, ReaddirReply
 
 P = TypeVar("P")
 
 DOTS = (b".", b"..")
+
+#: "." and ".." take the listing offsets 1 and 2, ahead of a DirSnapshot whose own offsets
+#: are shifted by DOT_ENTRIES. The kernel takes no lookup reference for them, but a
+#: filesystem hands them to ``reply`` with one like any entry and the bridge gives it back.
+DOT_ENTRIES = 2
+
+
+def reply_dots(off: int, dot_entry: Callable[[bytes], Entry],
+               reply: Callable[[DirEntry], bool]) -> int | None:
+    """Reply the dot entries not yet delivered at listing offset ``off``.
+
+    ``dot_entry(name)`` builds the Entry of ``b"."`` or ``b".."`` and takes its lookup
+    reference (the fsapi rule). Returns the snapshot offset to go on from, or None when the
+    kernel's buffer is full (the bridge then gives back the rejected entry's reference)."""
+    for i, name in enumerate(DOTS):
+        if i < off:
+            continue
+        if not reply(DirEntry(name, dot_entry(name), i + 1)):
+            return None
+    return max(off - DOT_ENTRIES, 0)
 
 
 class DirItem(NamedTuple, Generic[P]):

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from backingfs.dirents import DirSnapshot, fill, scandir_names
-from backingfs.fsapi import DirEntry, ReaddirReply
+from backingfs.dirents import DOT_ENTRIES, DirSnapshot, fill, reply_dots, scandir_names
+from backingfs.fsapi import DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
 
 from . import whiteout as wo
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 DT_CHR = stat.S_IFCHR >> 12
 DT_REG = stat.S_IFREG >> 12
-DOT_ENTRIES = 2
 
 
 class DirHandle(Handle):
@@ -103,17 +102,15 @@ async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> Non
     if off == 0 and handle.has_read:
         handle.snapshot = await snapshot(sb, inode)
     handle.has_read = True
-    # SHARE: same as passthru/readdir.py:readdir ("." and ".." at offsets 1 and 2, each with
-    # a reference, then the snapshot shifted by two).
-    if off < DOT_ENTRIES:
-        parent = inode.parent or inode
-        for i, (name, target) in enumerate(((b".", inode), (b"..", parent))):
-            if i < off:
-                continue
-            sb.inodes.ref(target.ino)
-            if not reply(DirEntry(name, make_entry(sb, target), i + 1)):
-                return
-        off = DOT_ENTRIES
+
+    def dot_entry(name: bytes) -> Entry:
+        target = inode if name == b"." else (inode.parent or inode)
+        sb.inodes.ref(target.ino)
+        return make_entry(sb, target)
+
+    start = reply_dots(off, dot_entry, reply)
+    if start is None:
+        return
 
     def make(name: bytes, d_type: int) -> DirEntry:
         res = resolve(sb, inode, name)
@@ -131,7 +128,7 @@ async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> Non
     def shifted(entry: DirEntry) -> bool:
         return reply(DirEntry(entry.name, entry.entry, entry.next_off + DOT_ENTRIES))
 
-    await fill(handle.snapshot, off - DOT_ENTRIES, make, shifted)
+    await fill(handle.snapshot, start, make, shifted)
 
 
 async def releasedir(sb: Superblock, fh: int) -> None:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from backingfs import syscalls
-from backingfs.dirents import DirItem, DirSnapshot, scandir_names
-from backingfs.fsapi import Caller, DirEntry, ReaddirReply
+from backingfs.dirents import DOT_ENTRIES, DirItem, DirSnapshot, reply_dots, scandir_names
+from backingfs.fsapi import Caller, DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
 
 from .inode import PassthruInode, install, lookup_fd, make_entry
@@ -39,10 +39,6 @@ from .inode import PassthruInode, install, lookup_fd, make_entry
 if TYPE_CHECKING:
     from .superblock import PassthruFs
 
-#: Offsets of the two dot entries; the snapshot's own offsets are shifted past them.
-_DOT_OFF = 1
-_DOTDOT_OFF = 2
-_SHIFT = 2
 
 _MIN_BATCH = 16
 _MAX_BATCH = 1024
@@ -111,18 +107,17 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
         handle.snapshot = DirSnapshot((name, None) for name, _, _ in names)
         handle.is_delivered = False
     snapshot = handle.snapshot
-    accepted = 0
 
-    for dot_off, name in ((_DOT_OFF, b"."), (_DOTDOT_OFF, b"..")):
-        if off < dot_off:
-            fd, st = lookup_fd(fs, inode, name)
-            dot = install(fs, fd, st)
-            handle.is_delivered = True
-            if not reply(DirEntry(name, make_entry(fs, dot, st), dot_off)):
-                return
-            accepted += 1
+    def dot_entry(name: bytes) -> Entry:
+        fd, st = lookup_fd(fs, inode, name)
+        handle.is_delivered = True
+        return make_entry(fs, install(fs, fd, st), st)
 
-    items = snapshot.entries_from(max(off - _SHIFT, 0))
+    start = reply_dots(off, dot_entry, reply)
+    if start is None:
+        return
+    accepted = DOT_ENTRIES - min(off, DOT_ENTRIES)
+    items = snapshot.entries_from(start)
     batch_size = handle.batch
     while True:
         batch: list[DirItem[None]] = list(islice(items, batch_size))
@@ -149,7 +144,7 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
                 raise
             handle.is_delivered = True
             if not reply(DirEntry(item.name, make_entry(fs, entry_inode, st),
-                                  item.next_off + _SHIFT)):
+                                  item.next_off + DOT_ENTRIES)):
                 # The kernel's buffer is full; the bridge gives back this reference.
                 _close_prepared(prepared[i + 1:])
                 handle.batch = min(max(accepted + 1, _MIN_BATCH), _MAX_BATCH)

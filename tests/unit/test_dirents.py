@@ -181,3 +181,27 @@ def test_scandir_names_leaks_no_fd(tree: Path) -> None:
         assert sorted(os.listdir("/proc/self/fd")) == before
     finally:
         os.close(fd)
+
+
+def test_reply_dots_from_each_offset_and_a_full_buffer() -> None:
+    from backingfs.attrs import Attr
+    from backingfs.dirents import DOT_ENTRIES, reply_dots
+    from backingfs.fsapi import Entry
+
+    made: list[bytes] = []
+
+    def dot_entry(name: bytes) -> Entry:
+        made.append(name)
+        return Entry(Attr(st_ino=1, st_mode=0o40755))
+
+    got: list[tuple[bytes, int]] = []
+    assert reply_dots(0, dot_entry, lambda e: got.append((e.name, e.next_off)) or True) == 0
+    assert got == [(b".", 1), (b"..", 2)] and made == [b".", b".."]
+    got.clear()
+    made.clear()
+    assert reply_dots(1, dot_entry, lambda e: got.append((e.name, e.next_off)) or True) == 0
+    assert got == [(b"..", 2)] and made == [b".."]
+    assert reply_dots(DOT_ENTRIES + 5, dot_entry, lambda e: True) == 5
+    made.clear()
+    assert reply_dots(0, dot_entry, lambda e: False) is None  # buffer full at "."
+    assert made == [b"."]  # made once; the bridge gives back the rejected reference
