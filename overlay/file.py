@@ -53,10 +53,17 @@ def is_write_open(flags: int) -> bool:
 class OvlFileHandle(Handle):
     """An open file; ``file`` is the backing file, ``is_upper`` where it lives."""
 
-    def __init__(self, inode: OvlInode, file: BackingFile, flags: int, is_upper: bool) -> None:
+    def __init__(self, sb: Superblock, inode: OvlInode, file: BackingFile, flags: int,
+                 is_upper: bool) -> None:
         super().__init__(inode, file)
-        self.flags = flags
-        self.iocb = int(from_open_flags(flags))  # request flags as a plain int (hot path)
+        self.backing_flags = backing_flags(sb, flags)  # for the reopen after a copy-up
+        iocb = int(from_open_flags(flags))
+        if sb.params.writeback:
+            # With the writeback cache the kernel places appends itself and may flush any
+            # dirty page through any writable handle: APPEND here would move those pages
+            # to EOF (as passthru, and libfuse's passthrough_hp).
+            iocb &= ~APPEND
+        self.iocb = iocb  # request flags as a plain int (hot path)
         self.is_upper = is_upper
 
     def current(self) -> BackingFile:
@@ -65,8 +72,8 @@ class OvlFileHandle(Handle):
         inode = self.inode
         assert isinstance(inode, OvlInode)
         if not self.is_upper and inode.upper is not None:
-            fd = reopen(inode.upper, self.flags & ~_STRIP)
-            old, self.file = self.file, BackingFile(fd, (self.flags & ~_STRIP) | os.O_CLOEXEC)
+            fd = reopen(inode.upper, self.backing_flags)
+            old, self.file = self.file, BackingFile(fd, self.backing_flags | os.O_CLOEXEC)
             self.is_upper = True
             if old is not None:
                 old.put()  # in-flight requests hold their own references
@@ -76,9 +83,18 @@ class OvlFileHandle(Handle):
 
 # SHARE: same as passthru/file.py:backing_flags + _add_handle (a stacked open's flags ->
 # a BackingFile reopened from an O_PATH fd, O_APPEND/O_CREAT/... stripped).
-def _open_backing(fd: int, flags: int) -> BackingFile:
-    flags = flags & ~_STRIP
-    return BackingFile(reopen(fd, flags), flags | os.O_CLOEXEC)
+def backing_flags(sb: Superblock, flags: int) -> int:
+    """The backing open's flags for a stacked open with ``flags``. Under the writeback
+    cache a write-only open reads too: the kernel fills partly written pages through it."""
+    flags &= ~_STRIP
+    if sb.params.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+    return flags
+
+
+def _open_backing(sb: Superblock, fd: int, flags: int) -> BackingFile:
+    bflags = backing_flags(sb, flags)
+    return BackingFile(reopen(fd, bflags), bflags | os.O_CLOEXEC)
 
 
 async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
@@ -92,7 +108,7 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
         await copy_up(sb, inode, size=0 if flags & os.O_TRUNC else None)
     if inode.upper is not None:
         assert inode.upper is not None
-        file = _open_backing(inode.upper, flags)
+        file = _open_backing(sb, inode.upper, flags)
         if flags & os.O_TRUNC:
             async with inode.lock:
                 try:
@@ -101,9 +117,10 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
                 except BaseException:
                     file.put()
                     raise
-        handle = OvlFileHandle(inode, file, flags, True)
+        handle = OvlFileHandle(sb, inode, file, flags, True)
     else:
-        handle = OvlFileHandle(inode, _open_backing(inode.lowers[0].fd, flags), flags, False)
+        handle = OvlFileHandle(sb, inode, _open_backing(sb, inode.lowers[0].fd, flags), flags,
+                               False)
     return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb))
 
 
@@ -118,7 +135,7 @@ def _keep_cache(sb: Superblock) -> bool:
 def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
     """Open a file create() just made on the upper layer."""
     assert inode.upper is not None
-    return OpenReply(sb.handles.add(OvlFileHandle(inode, _open_backing(inode.upper, flags),
+    return OpenReply(sb.handles.add(OvlFileHandle(sb, inode, _open_backing(sb, inode.upper, flags),
                                                   flags, True)), keep_cache=_keep_cache(sb))
 
 
