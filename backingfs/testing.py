@@ -265,6 +265,15 @@ class Target:
 TARGETS: dict[str, Target] = {}
 
 
+def with_options(target: Target, options: tuple[str, ...]) -> Target:
+    """A copy of ``target`` that adds ``options`` to its daemon's ``-o`` (FUSE targets)."""
+    if isinstance(target, PassthruTarget):
+        return PassthruTarget(target.options + options)
+    if isinstance(target, OverlayTarget):
+        return OverlayTarget(target.name, target.where, target.options + options)
+    raise ValueError(f"target {target.name} takes no -o options")
+
+
 def register(target: Target) -> Target:
     TARGETS[target.name] = target
     return target
@@ -329,9 +338,13 @@ def fuse_unavailable() -> str | None:
 
 
 class PassthruTarget(Target):
-    """passthru over ``base/source``, mounted through its real CLI."""
+    """passthru over ``base/source``, mounted through its real CLI; ``options`` are added
+    to its ``-o`` (e.g. ``("cache=always", "writeback")``)."""
 
     name = "passthru"
+
+    def __init__(self, options: tuple[str, ...] = ()) -> None:
+        self.options = options
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("passthru.cli") is None:
@@ -342,9 +355,9 @@ class PassthruTarget(Target):
         source, mnt = base / "source", base / "mnt"
         source.mkdir(mode=0o755)
         mnt.mkdir()
-        return start_fuse_target(
-            cli_argv("passthru", "-f", "-o", "allow_other", str(source), str(mnt)), mnt,
-            data=source)
+        opts = ",".join(("allow_other", *self.options))
+        return start_fuse_target(cli_argv("passthru", "-f", "-o", opts, str(source), str(mnt)),
+                                 mnt, data=source)
 
 
 class KernelOverlayTarget(Target):
@@ -391,9 +404,10 @@ class OverlayTarget(Target):
     meet as pre-existing: ``lower`` (every change copies up), ``upper`` (written through the
     mount), or ``multi`` (two lowers and an upper, the tree in the bottom lower)."""
 
-    def __init__(self, name: str, where: str) -> None:
+    def __init__(self, name: str, where: str, options: tuple[str, ...] = ()) -> None:
         self.name = name
         self.where = where
+        self.options = options  # added to -o, e.g. ("writeback=1",)
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("overlay.cli") is None:
@@ -406,7 +420,8 @@ class OverlayTarget(Target):
         for p in d.values():
             p.mkdir(mode=0o755)
         lowers = f"{d['lower2']}:{d['lower']}" if self.where == "multi" else str(d["lower"])
-        opts = f"lowerdir={lowers},upperdir={d['upper']},workdir={d['work']}"
+        opts = ",".join((f"lowerdir={lowers},upperdir={d['upper']},workdir={d['work']}",
+                         *self.options))
         data = None if self.where == "upper" else d["lower"]
         return start_fuse_target(cli_argv("overlay", "-f", "-o", opts, str(d["mnt"])),
                                  d["mnt"], data=data)

@@ -63,12 +63,9 @@ if str(REPO) not in sys.path:
 
 from backingfs.testing import (  # noqa: E402
     TARGETS,
-    OverlayTarget,
-    PassthruTarget,
     Target,
     TargetMount,
-    cli_argv,
-    start_fuse_target,
+    with_options,
 )
 
 PAGE = mmap.PAGESIZE
@@ -98,46 +95,15 @@ class Corruption(Exception):
 # layout with the extra options appended, so testing.py's API stays as it is.
 
 
-class PassthruOpts(PassthruTarget):
-    def __init__(self, opts: str) -> None:
-        self.opts = opts
-
-    def start(self, base: Path) -> TargetMount:
-        source, mnt = base / "source", base / "mnt"
-        source.mkdir(mode=0o755)
-        mnt.mkdir()
-        return start_fuse_target(
-            cli_argv("passthru", "-f", "-o", "allow_other", "-o", self.opts, str(source),
-                     str(mnt)), mnt, data=source)
-
-
-class OverlayOpts(OverlayTarget):
-    def __init__(self, base_target: OverlayTarget, opts: str) -> None:
-        super().__init__(base_target.name, base_target.where)
-        self.opts = opts
-
-    def start(self, base: Path) -> TargetMount:
-        names = ("lower", "lower2", "upper", "work", "mnt")
-        d = {n: base / n for n in names}
-        for p in d.values():
-            p.mkdir(mode=0o755)
-        lowers = f"{d['lower2']}:{d['lower']}" if self.where == "multi" else str(d["lower"])
-        opts = f"lowerdir={lowers},upperdir={d['upper']},workdir={d['work']},{self.opts}"
-        data = None if self.where == "upper" else d["lower"]
-        return start_fuse_target(cli_argv("overlay", "-f", "-o", opts, str(d["mnt"])),
-                                 d["mnt"], data=data)
-
-
 def target_with_opts(name: str, opts: str | None) -> Target:
     """The registered target ``name``, with ``-o opts`` added when given."""
     base = TARGETS[name]
     if not opts:
         return base
-    if isinstance(base, PassthruTarget):
-        return PassthruOpts(opts)
-    if isinstance(base, OverlayTarget):
-        return OverlayOpts(base, opts)
-    raise UsageError(f"--opts applies to FUSE targets only, not {name}")
+    try:
+        return with_options(base, tuple(opts.split(",")))
+    except ValueError:
+        raise UsageError(f"--opts applies to FUSE targets only, not {name}") from None
 
 
 class UsageError(Exception):
