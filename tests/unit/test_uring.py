@@ -12,33 +12,22 @@ from pathlib import Path
 
 import pytest
 import trio
+from rw_checks import (
+    Stacked,
+    assert_size_and_versions,
+    extending_writes,
+    fd_count,
+    write_concurrently_racing_stats,
+)
 
 from backingfs import rw, uring
 from backingfs.aio import live_aios
-from backingfs.attrs import Attr, AttrCache
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
 from backingfs.flags import IocbFlags
 from backingfs.inflight import InFlight
 from backingfs.request import Request
 from backingfs.uring import IORING_OP_READ, IORING_OP_WRITE, Uring, buffer_address
-
-
-class Stacked:
-    def __init__(self) -> None:
-        self.attrs = AttrCache()
-        self.versions: list[int] = []
-
-
-def end_write_grows(h: Stacked, pos: int, res: int) -> None:
-    if res > 0:
-        h.attrs.grow_size(pos)
-        h.versions.append(h.attrs.version)
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
 
 REASON = Uring.probe()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"io_uring unusable: {REASON}")
@@ -220,36 +209,14 @@ def test_1000_concurrent_extending_writes_on_the_ring_keep_size_and_monotonic_ve
         tmp_path: Path) -> None:
     p = tmp_path / "grow"
     p.write_bytes(b"")
-    rng = random.Random(1234)
-    writes = [(rng.randrange(0, 4 << 20), rng.randrange(1, 4096)) for _ in range(1000)]
-    stacked = Stacked()
-    ctx = BackingFileCtx(end_write=end_write_grows)
+    writes = extending_writes()
 
     async def main() -> None:
         file = BackingFile.open(p, os.O_RDWR)
-        io = InFlight()
         async with running_ring(1024, active=True) as ring:  # room for all 1000 at once
-
-            async def one(off: int, n: int) -> None:
-                assert await rw.write(file, b"w" * n, Request(stacked, off), ctx, io=io) == n
-
-            async def stat_racer() -> None:
-                for _ in range(200):
-                    v = stacked.attrs.version
-                    st = await trio.to_thread.run_sync(os.fstat, file.fd)
-                    stacked.attrs.merge(Attr.from_stat(st), v)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stat_racer)
-                for off, n in writes:
-                    nursery.start_soon(one, off, n)
-            await io.wait_drained()
+            stacked = await write_concurrently_racing_stats(file, writes)
             assert ring.submitted == 1000  # every write went to the ring, none to threads
-        backing = os.fstat(file.fd).st_size
-        assert backing == max(off + n for off, n in writes)
-        assert stacked.attrs.size == backing
-        assert stacked.versions == sorted(stacked.versions)
-        assert len(set(stacked.versions)) == len(stacked.versions) == 1000
+        assert_size_and_versions(file, writes, stacked)
         file.put()
 
     trio.run(main)
