@@ -437,6 +437,10 @@ class Pyfuse3Session:
     def __init__(self, fs: fsapi.Filesystem) -> None:
         self.ops = Bridge(fs)
 
+    @property
+    def init_hooks(self) -> list[Callable[[], None]]:
+        return self.ops.init_hooks
+
     def mount(self, mountpoint: str, options: set[str]) -> None:
         """Mount; raises OSError(EIO, libfuse's message) when libfuse refuses."""
         try:

@@ -71,10 +71,15 @@ class DirEntry(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class OpenReply:
+    """``backing``: an fd the kernel may serve this open's read/write from directly (FUSE
+    passthrough, native session only), kept open by the handle; None when the data must go
+    through the filesystem (e.g. an overlay file that a write could still copy up)."""
+
     fh: int
     direct_io: bool = False
     keep_cache: bool = False
     nonseekable: bool = False
+    backing: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,10 @@ class Filesystem:
     enable_writeback_cache: bool = False
     #: Let the kernel enforce POSIX ACLs (FUSE_CAP_POSIX_ACL).
     enable_acl: bool = False
+    #: Set by the front-end before ``init``: the kernel may serve opens that offer a
+    #: ``backing`` fd itself. Their writes then never reach the filesystem, so attributes
+    #: must come from the backing file (getattr stats it), not from a cache of our writes.
+    passthrough: bool = False
 
     def init(self) -> None:
         """Called once the session is up, before the first request. Must not raise."""

@@ -213,6 +213,9 @@ FUSE_VALUE_OPTIONS = frozenset({
     "fsname", "subtype", "max_read", "blksize",
     "context", "fscontext", "defcontext", "rootcontext",
 })
+#: Front-end choices the runner takes out before mounting (``runner.FRONTEND_OPTIONS``):
+#: which session serves the mount, and whether it may use kernel passthrough.
+FRONTEND_OPTIONS = frozenset({"session", "passthrough"})
 #: fstab/mount(8) bookkeeping that reaches a helper but means nothing to a filesystem.
 IGNORED_OPTIONS = frozenset({
     "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
@@ -224,7 +227,7 @@ def is_fuse_option(tok: str) -> bool:
     key, value = parse_option(tok)
     if value is None:
         return key in FUSE_FLAG_OPTIONS
-    return key in FUSE_VALUE_OPTIONS
+    return key in FUSE_VALUE_OPTIONS or key in FRONTEND_OPTIONS
 
 
 def is_ignored_option(tok: str) -> bool:

@@ -44,7 +44,8 @@ import trio
 from . import uring
 from .bridge import Pyfuse3Session
 from .fsapi import Filesystem
-from .options import UsageError, escape_fuse_option, parse_option
+from .native import PASSTHROUGH_MODES, NativeSession
+from .options import FRONTEND_OPTIONS, UsageError, escape_fuse_option, parse_option
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ MAX_BACKGROUND = 64
 IO_ENV = "BACKINGFS_IO"
 #: Ring size: more than MAX_TASKS requests, each of which has at most one op in flight.
 URING_ENTRIES = 256
+
+#: ``-o session=``: the front-end. pyfuse3 (libfuse 3.14) or the native /dev/fuse session.
+SESSIONS = ("pyfuse3", "native")
+DEFAULT_SESSION = "pyfuse3"
+
+Session = Pyfuse3Session | NativeSession
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _SIGNALS = (*_STOP_SIGNALS, signal.SIGUSR1)
@@ -100,18 +107,50 @@ def run(fs: Filesystem, mountpoint: str, fuse_options: Iterable[str], *, foregro
     QuietError for errors found before mounting. In background mode the parent returns 0
     once the mount is live; the daemon never returns from here (it ``_exit``s).
     """
+    frontend, fuse_options = frontend_choice(fuse_options)
     setup_logging(debug)
     raise_nofile_limit()
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint)
     check_dev_fuse()
-    opts = {escape_fuse_option(o) for o in fuse_options}
+    opts = set(fuse_options)
     if not any(parse_option(o)[0] == "fsname" for o in fuse_options):
-        opts.add(escape_fuse_option(f"fsname={fsname}"))
+        opts.add(f"fsname={fsname}")
+
+    def make_session() -> tuple[Session, set[str]]:
+        if frontend["session"] == "native":
+            return NativeSession(fs, passthrough=frontend["passthrough"]), opts
+        # libfuse splits its -o string on commas again: escape ours.
+        return Pyfuse3Session(fs), {escape_fuse_option(o) for o in opts}
+
     if foreground:
         _install_early_signal_handlers()
-        return _serve(fs, mountpoint, opts, on_live=None)
-    return _daemonize(lambda on_live: _serve(fs, mountpoint, opts, on_live))
+        return _serve(make_session, mountpoint, on_live=None)
+    return _daemonize(lambda on_live: _serve(make_session, mountpoint, on_live))
+
+
+def frontend_choice(fuse_options: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Take ``session=`` and ``passthrough=`` out of the options; UsageError when bad.
+
+    The default session comes from BACKINGFS_SESSION when set (tests run the battery on
+    either front-end that way), else DEFAULT_SESSION."""
+    choice = {"session": os.environ.get("BACKINGFS_SESSION", "").strip() or DEFAULT_SESSION,
+              "passthrough": "auto"}
+    rest = []
+    for tok in fuse_options:
+        key, value = parse_option(tok)
+        if key in FRONTEND_OPTIONS:
+            if value is None:
+                raise UsageError(f"option {key} needs a value")
+            choice[key] = value
+        else:
+            rest.append(tok)
+    if choice["session"] not in SESSIONS:
+        raise UsageError(f"session={choice['session']}: expected one of {', '.join(SESSIONS)}")
+    if choice["passthrough"] not in PASSTHROUGH_MODES:
+        raise UsageError(f"passthrough={choice['passthrough']}: expected one of "
+                         f"{', '.join(PASSTHROUGH_MODES)}")
+    return choice, rest
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -265,9 +304,10 @@ def _install_early_signal_handlers() -> None:
         signal.signal(sig, lambda signum, frame: _early_signals.append(signum))
 
 
-def _serve(fs: Filesystem, mountpoint: str, options: set[str],
+def _serve(make_session: Callable[[], tuple[Session, set[str]]], mountpoint: str,
            on_live: Callable[[], None] | None) -> int:
-    session = Pyfuse3Session(fs)
+    session, options = make_session()
+    fs = session.fs if isinstance(session, NativeSession) else session.ops.fs
     log.debug("mounting on %s with options %s", mountpoint, sorted(options))
     try:
         session.mount(mountpoint, options)
@@ -288,7 +328,7 @@ def _serve(fs: Filesystem, mountpoint: str, options: set[str],
     return code
 
 
-async def _session(fs: Filesystem, session: Pyfuse3Session, mountpoint: str) -> int:
+async def _session(fs: Filesystem, session: Session, mountpoint: str) -> int:
     # The ring's reaper lives in an outer nursery: it must outlast fs.destroy(), which
     # waits for every queued request, ring ones included, to complete.
     async with trio.open_nursery() as backend:
@@ -325,13 +365,14 @@ async def _start_io_backend(nursery: trio.Nursery) -> uring.Uring | None:
     return ring
 
 
-async def _serve_session(fs: Filesystem, session: Pyfuse3Session, mountpoint: str) -> int:
+async def _serve_session(fs: Filesystem, session: Session, mountpoint: str) -> int:
     code = 0
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_handle_signals, fs, session)
-            session.ops.init_hooks.append(
-                lambda: nursery.start_soon(_tune_connection, mountpoint))
+            if isinstance(session, Pyfuse3Session):  # the native INIT sets these itself
+                session.init_hooks.append(
+                    lambda: nursery.start_soon(_tune_connection, mountpoint))
             log.info("serving %s", mountpoint)
             try:
                 await session.serve(MIN_TASKS, MAX_TASKS)
@@ -349,7 +390,7 @@ async def _serve_session(fs: Filesystem, session: Pyfuse3Session, mountpoint: st
     return code
 
 
-async def _handle_signals(fs: Filesystem, session: Pyfuse3Session, *,
+async def _handle_signals(fs: Filesystem, session: Session, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
     with trio.open_signal_receiver(*_SIGNALS) as signals:
@@ -360,10 +401,12 @@ async def _handle_signals(fs: Filesystem, session: Pyfuse3Session, *,
             _on_signal(fs, session, signum)
 
 
-def _on_signal(fs: Filesystem, session: Pyfuse3Session, signum: int) -> None:
+def _on_signal(fs: Filesystem, session: Session, signum: int) -> None:
     if signum == signal.SIGUSR1:
         try:
             log.info("statistics: %s", fs.statistics())
+            if isinstance(session, NativeSession):
+                log.info("session: %s", session.statistics())
         except Exception:
             log.exception("statistics() failed")
         return

@@ -121,7 +121,22 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
     else:
         handle = OvlFileHandle(sb, inode, _open_backing(sb, inode.lowers[0].fd, flags), flags,
                                False)
-    return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb))
+    return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb),
+                     backing=_passthrough_fd(sb, handle))
+
+
+def _passthrough_fd(sb: Superblock, handle: OvlFileHandle) -> int | None:
+    """The fd the kernel may serve this open from (native session, kernel passthrough).
+
+    An upper file is final. A lower file is offered only on a mount without upper: the
+    kernel gives an inode one backing file for as long as any passthrough open of it
+    lasts, and every later open must use it, so a lower file opened that way could not be
+    copied up under a read-only opener (the write open would go to the lower file, or
+    fail). Lower files on a writable mount go through the daemon, which switches such a
+    handle to the upper copy after copy-up (``OvlFileHandle.current``)."""
+    if handle.is_upper or sb.is_read_only:
+        return handle.current().fd
+    return None
 
 
 def _keep_cache(sb: Superblock) -> bool:
@@ -135,8 +150,9 @@ def _keep_cache(sb: Superblock) -> bool:
 def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
     """Open a file create() just made on the upper layer."""
     assert inode.upper is not None
-    return OpenReply(sb.handles.add(OvlFileHandle(sb, inode, _open_backing(sb, inode.upper, flags),
-                                                  flags, True)), keep_cache=_keep_cache(sb))
+    handle = OvlFileHandle(sb, inode, _open_backing(sb, inode.upper, flags), flags, True)
+    return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb),
+                     backing=handle.current().fd)
 
 
 def _ctx(sb: Superblock) -> BackingFileCtx:

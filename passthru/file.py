@@ -79,7 +79,9 @@ def _add_handle(fs: PassthruFs, inode: PassthruInode, fd: int, flags: int,
         raise
     if flags & os.O_TRUNC:
         inode.attrs.set_size(0)
-    return OpenReply(fh, keep_cache=fs.keep_cache)
+    # Offered for kernel passthrough (native session): one source inode per inode, so the
+    # kernel may serve every open of it from this file.
+    return OpenReply(fh, keep_cache=fs.keep_cache, backing=fd)
 
 
 async def open(fs: PassthruFs, ino: int, flags: int, caller: Caller) -> OpenReply:

@@ -1,0 +1,223 @@
+"""The native front-end: a ``fsapi.Filesystem`` served over ``/dev/fuse`` directly, under
+trio, with no libfuse and no pyfuse3 (DESIGN §7).
+
+Why it exists: it can negotiate what pyfuse3 on libfuse 3.14 cannot, above all kernel
+passthrough (``passthrough.py``: the kernel serves read/write from the backing file, the
+daemon never sees them), and it answers a request with one read and one write of the
+device and no C/Python hop in between.
+
+Shape (``NativeSession``, the same four calls as ``bridge.Pyfuse3Session``):
+- ``mount``: ``fusemount.mount_device`` (mount(2) as root, fusermount3 otherwise).
+- ``serve``: worker tasks share the device. One at a time reads (a trio.Lock around a
+  non-blocking read and ``wait_readable``); the reader hands the lock on and serves its
+  request itself, so a request costs no task spawn. A new worker starts when none is left
+  waiting, up to ``max_tasks``: that bounds the requests in flight, as in pyfuse3. The loop
+  ends on ENODEV (unmounted), DESTROY, or ``terminate()``; requests already read finish.
+- Replies are one ``writev`` (header, payload). A reply the kernel no longer wants (ENOENT:
+  the request was interrupted) is undone where it matters: an entry's lookup reference is
+  forgotten, an open handle released, as libfuse does.
+- Errors: ``native_ops`` handlers raise OSError -> ``-errno``; any other exception is logged
+  with its traceback and answered EIO. The loop itself never dies of a request.
+
+Not negotiated: POSIX/flock locks (the kernel keeps them local, as with pyfuse3), splice,
+HANDLE_KILLPRIV (the kernel strips suid/sgid itself), EXPORT_SUPPORT, DAX, security contexts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+
+from . import fuse_abi as abi
+from . import fusemount, native_ops
+from .fsapi import Filesystem
+from .passthrough import BackingIds
+from .pressure import PRESSURE
+
+log = logging.getLogger(__name__)
+
+PASSTHROUGH_MODES = ("auto", "on", "off")
+
+
+class NativeSession:
+    """Serves ``fs`` on one FUSE connection. See the module docstring."""
+
+    def __init__(self, fs: Filesystem, *, passthrough: str = "auto") -> None:
+        if passthrough not in PASSTHROUGH_MODES:
+            raise ValueError(f"passthrough={passthrough!r}: expected auto, on or off")
+        self.fs = fs
+        self.passthrough_mode = passthrough
+        self.fd = -1
+        self.mountpoint = ""
+        #: Called on the loop, inside INIT before its reply, after fs.init(). Must not block.
+        self.init_hooks: list[Callable[[], None]] = []
+        self.counts: Counter[int] = Counter()
+        self.proto_minor = 0
+        self.flags = 0  # negotiated
+        self.backing = BackingIds(-1, False)
+        self.bufsize = native_ops.MAX_WRITE + 64 * 1024
+        self._stop = False
+        self._mounted = False
+        self._read_lock = trio.Lock()
+        self._wait_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._workers = 0
+        self._idle = 0
+        self._min_tasks = 1
+        self._max_tasks = 64
+        self._handlers = native_ops.HANDLERS
+
+    # --- lifecycle (the runner's four calls) ----------------------------------------------
+
+    def mount(self, mountpoint: str, options: set[str]) -> None:
+        """Mount; raises OSError with a readable message on failure."""
+        try:
+            spec = fusemount.mount_spec(options)
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+        self.fd = fusemount.mount_device(mountpoint, spec)
+        self.mountpoint = mountpoint
+        self._mounted = True
+        self.backing = BackingIds(self.fd, False)
+        PRESSURE.watch(self.fd)
+
+    async def serve(self, min_tasks: int, max_tasks: int) -> None:
+        """Serve requests until unmounted, DESTROY, or ``terminate()``."""
+        self._min_tasks, self._max_tasks = max(1, min_tasks), max(1, max_tasks)
+        os.set_blocking(self.fd, False)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self._min_tasks):
+                self._spawn()
+        self._nursery = None
+
+    def terminate(self) -> None:
+        """Stop reading requests (requests in flight finish); ``serve`` then returns."""
+        self._stop = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def unmount(self) -> None:
+        PRESSURE.unwatch()
+        if self._mounted:
+            self._mounted = False
+            try:
+                fusemount.unmount(self.mountpoint)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def statistics(self) -> dict[str, object]:
+        return {"requests": sum(self.counts.values()),
+                "passthrough": self.backing.statistics()}
+
+    # --- the request loop ----------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        assert self._nursery is not None
+        self._workers += 1
+        self._nursery.start_soon(self._worker)
+
+    async def _worker(self) -> None:
+        try:
+            while True:
+                self._idle += 1
+                try:
+                    async with self._read_lock:
+                        data = await self._read()
+                finally:
+                    self._idle -= 1
+                if data is None:
+                    return
+                if not self._idle and self._workers < self._max_tasks:
+                    self._spawn()
+                await self._dispatch(data)
+                if self._idle and self._workers > self._min_tasks:
+                    return  # enough readers are waiting: shrink back
+        finally:
+            self._workers -= 1
+
+    async def _read(self) -> bytes | None:
+        fd = self.fd
+        while not self._stop:
+            try:
+                return os.read(fd, self.bufsize)
+            except BlockingIOError:
+                with trio.CancelScope() as scope:
+                    self._wait_scope = scope
+                    await trio.lowlevel.wait_readable(fd)
+                self._wait_scope = None
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if e.errno != errno.ENODEV:
+                    log.error("reading /dev/fuse failed: %s; ending the session", e)
+                self._stop = True
+                self._mounted = e.errno != errno.ENODEV  # ENODEV: the kernel unmounted
+        return None
+
+    async def _dispatch(self, data: bytes) -> None:
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(data)
+        self.counts[opcode] += 1
+        handler = self._handlers.get(opcode)
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("-> %s unique=%d nodeid=%d uid=%d pid=%d len=%d", _opname(opcode),
+                      unique, nodeid, uid, pid, len(data))
+        if handler is None:
+            if opcode not in (abi.Op.INTERRUPT,):  # no reply exists for INTERRUPT
+                self.reply_error(unique, errno.ENOSYS)
+            return
+        try:
+            await handler(self, unique, nodeid, (uid, gid, pid), data)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            if debug:
+                log.debug("<- %s unique=%d: %s (%s)", _opname(opcode), unique,
+                          errno.errorcode.get(err, err), e)
+            self.reply_error(unique, err)
+        except Exception:
+            log.exception("%s(nodeid=%d) failed with an unexpected exception; answering EIO",
+                          _opname(opcode), nodeid)
+            self.reply_error(unique, errno.EIO)
+
+    # --- replies ---------------------------------------------------------------------------
+
+    def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> bool:
+        """Send a reply; False when the kernel no longer waits for it (interrupted)."""
+        size = abi.OUT_HEADER.size + sum(len(p) for p in payload)
+        try:
+            os.writev(self.fd, (abi.OUT_HEADER.pack(size, 0, unique), *payload))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            if e.errno != errno.ENODEV:  # ENODEV: the mount is gone, nobody waits
+                log.warning("reply to request %d failed: %s", unique, e)
+            return False
+        return True
+
+    def reply_error(self, unique: int, err: int) -> None:
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -err, unique))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("error reply to request %d failed: %s", unique, e)
+
+    def end(self) -> None:
+        """DESTROY: no more requests will come."""
+        self._stop = True
+        self._mounted = False
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return abi.Op(opcode).name
+    except ValueError:
+        return f"OP{opcode}"

@@ -1,0 +1,569 @@
+"""The native session's request handlers: decode a FUSE request, await the filesystem,
+encode the reply (the native twin of ``bridge.Bridge``; same contracts, fsapi docstring).
+
+Each handler is ``async (session, unique, nodeid, (uid, gid, pid), data)``; ``data`` is the
+whole request, its arguments at ``ARGS`` (no request extensions are negotiated). It replies
+itself (``session.reply``) or raises OSError, which the session turns into ``-errno``.
+
+Lookup references: an entry reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE) carries one
+reference taken by the filesystem; when the kernel did not take the reply (interrupted), it
+is forgotten again. READDIRPLUS works as in the bridge: every DirEntry carries a reference,
+given back for entries that did not fit and for ``.``/``..`` (the kernel never counts those).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import fuse_abi as abi
+from .attrs import Attr
+from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest
+
+if TYPE_CHECKING:
+    from .native import NativeSession
+
+log = logging.getLogger(__name__)
+
+ARGS = abi.IN_HEADER.size
+_ATTR_FMT = "QQQqqqIIIIIIIIII"
+_ENTRY_OUT = abi.struct.Struct("=QQQQII" + _ATTR_FMT)
+_ATTR_OUT = abi.struct.Struct("=QII" + _ATTR_FMT)
+_DIRENTPLUS_HEAD = abi.struct.Struct("=QQQQII" + _ATTR_FMT + "QQII")
+_DOTS = (b".", b"..")
+_NS = 1_000_000_000
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+#: Largest WRITE payload asked for (max_pages * 4 KiB): 1 MiB, as passthrough_hp.
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+#: Kernel-side cap on background requests (readahead, async direct I/O, RELEASE...).
+MAX_BACKGROUND = 64
+#: Always asked for when offered. DO_READDIRPLUS without READDIRPLUS_AUTO: every READDIR is a
+#: READDIRPLUS (fsapi readdir entries carry their attributes and a lookup reference).
+WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
+          | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.PARALLEL_DIROPS | abi.MAX_PAGES
+          | abi.CACHE_SYMLINKS | abi.INIT_EXT | abi.HAS_EXPIRE_ONLY)
+
+Ids = tuple[int, int, int]
+Handler = Callable[["NativeSession", int, int, Ids, bytes], Awaitable[None]]
+HANDLERS: dict[int, Handler] = {}
+
+
+def handler(op: abi.Op) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[op] = fn
+        return fn
+    return register
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def _attr_fields(a: Attr) -> tuple[int, ...]:
+    asec, ansec = divmod(a.st_atime_ns, _NS)
+    msec, mnsec = divmod(a.st_mtime_ns, _NS)
+    csec, cnsec = divmod(a.st_ctime_ns, _NS)
+    return (a.st_ino, a.st_size, a.st_blocks, asec, msec, csec, ansec, mnsec, cnsec,
+            a.st_mode, a.st_nlink, a.st_uid & 0xFFFFFFFF, a.st_gid & 0xFFFFFFFF,
+            a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0)
+
+
+def _entry_fields(e: Entry) -> tuple[int, ...]:
+    es, ens = abi.split_timeout(e.entry_timeout)
+    ats, atn = abi.split_timeout(e.attr_timeout)
+    return (e.attr.st_ino, e.generation, es, ats, ens, atn, *_attr_fields(e.attr))
+
+
+def entry_out(e: Entry) -> bytes:
+    return _ENTRY_OUT.pack(*_entry_fields(e))
+
+
+def attr_out(e: Entry) -> bytes:
+    ats, atn = abi.split_timeout(e.attr_timeout)
+    return _ATTR_OUT.pack(ats, atn, 0, *_attr_fields(e.attr))
+
+
+def _name(data: bytes, start: int) -> bytes:
+    end = data.find(b"\0", start)
+    return data[start:] if end < 0 else data[start:end]
+
+
+def _two_names(data: bytes, start: int) -> tuple[bytes, bytes]:
+    mid = data.index(b"\0", start)
+    return data[start:mid], _name(data, mid + 1)
+
+
+def _caller(ids: Ids, umask: int = 0) -> Caller:
+    return Caller(ids[0], ids[1], ids[2], umask)
+
+
+async def _reply_entry(s: NativeSession, unique: int, e: Entry) -> None:
+    if not s.reply(unique, entry_out(e)):
+        await _forget_one(s, e.ino)
+
+
+async def _forget_one(s: NativeSession, ino: int) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await s.fs.forget([(ino, 1)])
+        except Exception:
+            log.exception("forget(%d) after an unanswered reply failed", ino)
+
+
+# --- INIT / DESTROY / FORGET --------------------------------------------------------------
+
+@handler(abi.Op.INIT)
+async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    major, minor, max_readahead, flags, flags2 = abi.INIT_IN.unpack_from(data, ARGS)
+    if major != abi.KERNEL_VERSION or minor < abi.MIN_MINOR_VERSION:
+        log.error("kernel speaks FUSE %d.%d; need %d.%d or later", major, minor,
+                  abi.KERNEL_VERSION, abi.MIN_MINOR_VERSION)
+        if major > abi.KERNEL_VERSION:
+            # The kernel retries INIT with our major when we answer with it.
+            s.reply(unique, abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION,
+                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            return
+        raise OSError(errno.EPROTO, "unsupported FUSE protocol version")
+    offered = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
+    want = WANTED
+    fs = s.fs
+    if fs.enable_writeback_cache:
+        want |= abi.WRITEBACK_CACHE
+    if fs.enable_acl:
+        want |= abi.POSIX_ACL
+    passthrough = False
+    if s.passthrough_mode != "off":
+        why = None
+        if not offered & abi.PASSTHROUGH:
+            why = "the kernel does not offer it (Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
+        elif fs.enable_writeback_cache:
+            why = "the writeback cache is on (the kernel refuses both together)"
+        if why is None:
+            want |= abi.PASSTHROUGH
+            passthrough = True
+        elif s.passthrough_mode == "on":
+            log.error("passthrough=on but kernel passthrough is unavailable: %s", why)
+            raise OSError(errno.EPROTO, "passthrough unavailable")
+        else:
+            log.info("kernel passthrough off: %s", why)
+    got = want & offered
+    s.flags = got
+    s.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
+    s.backing.enabled = passthrough
+    fs.passthrough = passthrough
+    log.debug("INIT: kernel %d.%d offers %s; using %s", major, minor, abi.flag_names(offered),
+              abi.flag_names(got))
+    if passthrough:
+        log.info("kernel passthrough on: read/write of files with a backing file bypass "
+                 "the daemon")
+    try:
+        fs.init()
+    except Exception:
+        log.exception("filesystem init() raised; continuing")
+    for hook in s.init_hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("init hook %r raised; continuing", hook)
+    out = abi.INIT_OUT.pack(
+        abi.KERNEL_VERSION, s.proto_minor, max_readahead, got & 0xFFFFFFFF,
+        MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1,
+        MAX_PAGES, 0, got >> 32, abi.MAX_STACK_DEPTH if passthrough else 0)
+    s.reply(unique, out)
+
+
+@handler(abi.Op.DESTROY)
+async def destroy(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    s.end()
+    s.reply(unique)
+
+
+@handler(abi.Op.FORGET)
+async def forget(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    (n,) = abi.FORGET_IN.unpack_from(data, ARGS)
+    await _forget(s, [(nodeid, n)])
+
+
+@handler(abi.Op.BATCH_FORGET)
+async def batch_forget(s: NativeSession, unique: int, nodeid: int, ids: Ids,
+                       data: bytes) -> None:
+    count, _ = abi.BATCH_FORGET_IN.unpack_from(data, ARGS)
+    base = ARGS + abi.BATCH_FORGET_IN.size
+    items = [abi.FORGET_ONE.unpack_from(data, base + i * abi.FORGET_ONE.size)
+             for i in range(count)]
+    await _forget(s, items)
+
+
+async def _forget(s: NativeSession, items: list[tuple[int, int]]) -> None:
+    # No reply exists for FORGET: an error can only be logged.
+    try:
+        await s.fs.forget(items)
+    except Exception:
+        log.exception("forget(%r) failed; lookup counts may be off", items)
+
+
+@handler(abi.Op.INTERRUPT)
+async def interrupt(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    # Requests run to completion (as with pyfuse3): nothing to do, and no reply exists.
+    return
+
+
+# --- attributes ---------------------------------------------------------------------------------
+
+@handler(abi.Op.LOOKUP)
+async def lookup(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    await _reply_entry(s, unique, await s.fs.lookup(nodeid, _name(data, ARGS), _caller(ids)))
+
+
+@handler(abi.Op.GETATTR)
+async def getattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    s.reply(unique, attr_out(await s.fs.getattr(nodeid, _caller(ids))))
+
+
+@handler(abi.Op.SETATTR)
+async def setattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    (valid, _, fh, size, _, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _,
+     uid, gid, _) = abi.SETATTR_IN.unpack_from(data, ARGS)
+    now = time.time_ns() if valid & (abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW) else 0
+    changes = SetattrRequest(
+        mode=mode if valid & abi.FATTR_MODE else None,
+        uid=uid if valid & abi.FATTR_UID else None,
+        gid=gid if valid & abi.FATTR_GID else None,
+        size=size if valid & abi.FATTR_SIZE else None,
+        atime_ns=(now if valid & abi.FATTR_ATIME_NOW else _signed(atime) * _NS + atimensec)
+        if valid & abi.FATTR_ATIME else None,
+        mtime_ns=(now if valid & abi.FATTR_MTIME_NOW else _signed(mtime) * _NS + mtimensec)
+        if valid & abi.FATTR_MTIME else None,
+        ctime_ns=_signed(ctime) * _NS + ctimensec if valid & abi.FATTR_CTIME else None,
+    )
+    entry = await s.fs.setattr(nodeid, changes, fh if valid & abi.FATTR_FH else None,
+                               _caller(ids))
+    s.reply(unique, attr_out(entry))
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@handler(abi.Op.READLINK)
+async def readlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    s.reply(unique, bytes(await s.fs.readlink(nodeid, _caller(ids))))
+
+
+@handler(abi.Op.ACCESS)
+async def access(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    mask, _ = abi.ACCESS_IN.unpack_from(data, ARGS)
+    await s.fs.access(nodeid, mask, _caller(ids))
+    s.reply(unique)
+
+
+@handler(abi.Op.STATFS)
+async def statfs(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    st = await s.fs.statfs(_caller(ids))
+    s.reply(unique, abi.KSTATFS.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files,
+                                     st.f_ffree, st.f_bsize, st.f_namemax, st.f_frsize, 0))
+
+
+# --- namespace ------------------------------------------------------------------------------
+
+@handler(abi.Op.MKNOD)
+async def mknod(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(data, ARGS)
+    name = _name(data, ARGS + abi.MKNOD_IN.size)
+    await _reply_entry(s, unique, await s.fs.mknod(nodeid, name, mode, rdev,
+                                                   _caller(ids, umask)))
+
+
+@handler(abi.Op.MKDIR)
+async def mkdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    mode, umask = abi.MKDIR_IN.unpack_from(data, ARGS)
+    name = _name(data, ARGS + abi.MKDIR_IN.size)
+    await _reply_entry(s, unique, await s.fs.mkdir(nodeid, name, mode, _caller(ids, umask)))
+
+
+@handler(abi.Op.SYMLINK)
+async def symlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    name, target = _two_names(data, ARGS)
+    await _reply_entry(s, unique, await s.fs.symlink(nodeid, name, target, _caller(ids)))
+
+
+@handler(abi.Op.LINK)
+async def link(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    (old,) = abi.LINK_IN.unpack_from(data, ARGS)
+    name = _name(data, ARGS + abi.LINK_IN.size)
+    await _reply_entry(s, unique, await s.fs.link(old, nodeid, name, _caller(ids)))
+
+
+@handler(abi.Op.UNLINK)
+async def unlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    await s.fs.unlink(nodeid, _name(data, ARGS), _caller(ids))
+    s.reply(unique)
+
+
+@handler(abi.Op.RMDIR)
+async def rmdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    await s.fs.rmdir(nodeid, _name(data, ARGS), _caller(ids))
+    s.reply(unique)
+
+
+@handler(abi.Op.RENAME)
+async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    (newdir,) = abi.RENAME_IN.unpack_from(data, ARGS)
+    old, new = _two_names(data, ARGS + abi.RENAME_IN.size)
+    await s.fs.rename(nodeid, old, newdir, new, 0, _caller(ids))
+    s.reply(unique)
+
+
+@handler(abi.Op.RENAME2)
+async def rename2(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    newdir, flags, _ = abi.RENAME2_IN.unpack_from(data, ARGS)
+    old, new = _two_names(data, ARGS + abi.RENAME2_IN.size)
+    await s.fs.rename(nodeid, old, newdir, new, flags, _caller(ids))
+    s.reply(unique)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def _open_flags(s: NativeSession, nodeid: int, reply: OpenReply) -> tuple[int, int]:
+    """(open_flags, backing_id) for an open reply; accounts the open in ``s.backing``."""
+    backing_id = s.backing.decide(nodeid, reply.fh, reply.backing)
+    if backing_id:
+        # keep_cache and direct_io are meaningless (and keep_cache refused) in passthrough.
+        return abi.FOPEN_PASSTHROUGH | (abi.FOPEN_NONSEEKABLE if reply.nonseekable else 0), \
+            backing_id
+    flags = ((abi.FOPEN_DIRECT_IO if reply.direct_io else 0)
+             | (abi.FOPEN_KEEP_CACHE if reply.keep_cache else 0)
+             | (abi.FOPEN_NONSEEKABLE if reply.nonseekable else 0))
+    return flags, 0
+
+
+async def _undo_open(s: NativeSession, fh: int) -> None:
+    s.backing.release(fh)
+    with trio.CancelScope(shield=True):
+        try:
+            await s.fs.release(fh)
+        except Exception:
+            log.exception("release(%d) of an unanswered open failed", fh)
+
+
+@handler(abi.Op.OPEN)
+async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    flags, _ = abi.OPEN_IN.unpack_from(data, ARGS)
+    reply = await s.fs.open(nodeid, flags, _caller(ids))
+    open_flags, backing_id = _open_flags(s, nodeid, reply)
+    if not s.reply(unique, abi.OPEN_OUT.pack(reply.fh, open_flags, backing_id)):
+        await _undo_open(s, reply.fh)
+
+
+@handler(abi.Op.CREATE)
+async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
+    name = _name(data, ARGS + abi.CREATE_IN.size)
+    reply, entry = await s.fs.create(nodeid, name, mode, flags, _caller(ids, umask))
+    open_flags, backing_id = _open_flags(s, entry.ino, reply)
+    if not s.reply(unique, entry_out(entry), abi.OPEN_OUT.pack(reply.fh, open_flags,
+                                                               backing_id)):
+        await _undo_open(s, reply.fh)
+        await _forget_one(s, entry.ino)
+
+
+@handler(abi.Op.READ)
+async def read(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, off, size, _, _, _, _ = abi.READ_IN.unpack_from(data, ARGS)
+    s.reply(unique, await s.fs.read(fh, off, size))
+
+
+@handler(abi.Op.WRITE)
+async def write(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, off, size, _, _, _, _ = abi.WRITE_IN.unpack_from(data, ARGS)
+    start = ARGS + abi.WRITE_IN.size
+    n = await s.fs.write(fh, off, data[start:start + size])
+    s.reply(unique, abi.WRITE_OUT.pack(n, 0))
+
+
+@handler(abi.Op.FLUSH)
+async def flush(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, _, _, _ = abi.FLUSH_IN.unpack_from(data, ARGS)
+    await s.fs.flush(fh)
+    s.reply(unique)
+
+
+@handler(abi.Op.RELEASE)
+async def release(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, _, _, _ = abi.RELEASE_IN.unpack_from(data, ARGS)
+    try:
+        await s.fs.release(fh)
+    finally:
+        s.backing.release(fh)
+    s.reply(unique)
+
+
+@handler(abi.Op.FSYNC)
+async def fsync(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, flags, _ = abi.FSYNC_IN.unpack_from(data, ARGS)
+    await s.fs.fsync(fh, bool(flags & abi.FSYNC_FDATASYNC))
+    s.reply(unique)
+
+
+# --- directories ------------------------------------------------------------------------------
+
+@handler(abi.Op.OPENDIR)
+async def opendir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh = await s.fs.opendir(nodeid, _caller(ids))
+    if not s.reply(unique, abi.OPEN_OUT.pack(fh, 0, 0)):
+        with trio.CancelScope(shield=True):
+            await s.fs.releasedir(fh)
+
+
+@handler(abi.Op.RELEASEDIR)
+async def releasedir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, _, _, _ = abi.RELEASE_IN.unpack_from(data, ARGS)
+    await s.fs.releasedir(fh)
+    s.reply(unique)
+
+
+@handler(abi.Op.FSYNCDIR)
+async def fsyncdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, flags, _ = abi.FSYNC_IN.unpack_from(data, ARGS)
+    await s.fs.fsyncdir(fh, bool(flags & abi.FSYNC_FDATASYNC))
+    s.reply(unique)
+
+
+@handler(abi.Op.READDIRPLUS)
+async def readdirplus(s: NativeSession, unique: int, nodeid: int, ids: Ids,
+                      data: bytes) -> None:
+    await _readdir(s, unique, data, plus=True)
+
+
+@handler(abi.Op.READDIR)
+async def readdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    await _readdir(s, unique, data, plus=False)
+
+
+async def _readdir(s: NativeSession, unique: int, data: bytes, *, plus: bool) -> None:
+    """Fill up to the kernel's size; settle references as the module docstring says."""
+    fh, off, size, _, _, _, _ = abi.READ_IN.unpack_from(data, ARGS)
+    buf = bytearray()
+    returned: Counter[int] = Counter()
+    accepted = 0
+    full = False
+
+    def reply(d: DirEntry) -> bool:
+        nonlocal accepted, full
+        name = d.name
+        need = abi.dirent_size(len(name), plus)
+        if full or len(buf) + need > size:
+            full = True
+            returned[d.entry.ino] += 1
+            return False
+        a = d.entry.attr
+        dtype = (a.st_mode >> 12) & 0o17
+        if plus:
+            buf.extend(_DIRENTPLUS_HEAD.pack(*_entry_fields(d.entry), a.st_ino, d.next_off,
+                                             len(name), dtype))
+        else:
+            buf.extend(abi.DIRENT_HEAD.pack(a.st_ino, d.next_off, len(name), dtype))
+        buf.extend(name)
+        pad = -len(buf) & 7
+        if pad:
+            buf.extend(bytes(pad))
+        accepted += 1
+        if name in _DOTS or not plus:
+            returned[d.entry.ino] += 1
+        return True
+
+    try:
+        await s.fs.readdir(fh, off, reply)
+    except Exception as e:
+        if not accepted:
+            raise
+        if not isinstance(e, OSError):
+            log.exception("readdir(%d, %d) failed after %d entries; sending those",
+                          fh, off, accepted)
+    finally:
+        if returned:
+            with trio.CancelScope(shield=True):
+                await _forget(s, list(returned.items()))
+    if not s.reply(unique, buf) and plus and accepted:
+        # Not taken: the kernel holds none of the references these entries carried.
+        given = Counter[int]()
+        _count_plus_entries(buf, given)
+        with trio.CancelScope(shield=True):
+            await _forget(s, list(given.items()))
+
+
+def _count_plus_entries(buf: bytearray, into: Counter[int]) -> None:
+    pos = 0
+    while pos < len(buf):
+        fields = _DIRENTPLUS_HEAD.unpack_from(buf, pos)
+        namelen = fields[-2]
+        name = bytes(buf[pos + _DIRENTPLUS_HEAD.size:pos + _DIRENTPLUS_HEAD.size + namelen])
+        if name not in _DOTS:
+            into[fields[0]] += 1
+        pos += abi.dirent_size(namelen, True)
+
+
+# --- xattrs -------------------------------------------------------------------------------------
+
+@handler(abi.Op.SETXATTR)
+async def setxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    st = abi.SETXATTR_IN_EXT if s.flags & abi.SETXATTR_EXT else abi.SETXATTR_IN
+    size, flags = abi.SETXATTR_IN.unpack_from(data, ARGS)
+    start = ARGS + st.size
+    end = data.index(b"\0", start)
+    name, value = data[start:end], data[end + 1:end + 1 + size]
+    caller = _caller(ids)
+    if flags & (XATTR_CREATE | XATTR_REPLACE):
+        # fsapi has no flags (pyfuse3 has none either): check first, as pyfuse3 does.
+        try:
+            await s.fs.getxattr(nodeid, name, caller)
+            exists = True
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+            exists = False
+        if flags & XATTR_CREATE and exists:
+            raise OSError(errno.EEXIST, "xattr exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise OSError(errno.ENODATA, "no such xattr")
+    await s.fs.setxattr(nodeid, name, value, caller)
+    s.reply(unique)
+
+
+def _sized(s: NativeSession, unique: int, value: bytes, size: int) -> None:
+    if size == 0:
+        s.reply(unique, abi.GETXATTR_OUT.pack(len(value), 0))
+    elif len(value) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    else:
+        s.reply(unique, value)
+
+
+@handler(abi.Op.GETXATTR)
+async def getxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    size, _ = abi.GETXATTR_IN.unpack_from(data, ARGS)
+    name = _name(data, ARGS + abi.GETXATTR_IN.size)
+    _sized(s, unique, bytes(await s.fs.getxattr(nodeid, name, _caller(ids))), size)
+
+
+@handler(abi.Op.LISTXATTR)
+async def listxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    size, _ = abi.GETXATTR_IN.unpack_from(data, ARGS)
+    names = await s.fs.listxattr(nodeid, _caller(ids))
+    _sized(s, unique, b"".join(bytes(n) + b"\0" for n in names), size)
+
+
+@handler(abi.Op.REMOVEXATTR)
+async def removexattr(s: NativeSession, unique: int, nodeid: int, ids: Ids,
+                      data: bytes) -> None:
+    await s.fs.removexattr(nodeid, _name(data, ARGS), _caller(ids))
+    s.reply(unique)
+
+
