@@ -30,6 +30,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 
 import trio
 
@@ -113,8 +114,12 @@ class NativeSession:
                 self.fd = -1
 
     def statistics(self) -> dict[str, object]:
-        return {"requests": sum(self.counts.values()),
-                "passthrough": self.backing.statistics()}
+        """Requests served by opcode, and the passthrough table (for SIGUSR1 and tests)."""
+        return {"requests": {_opname(op): n for op, n in sorted(self.counts.items())},
+                "passthrough": {"enabled": self.backing.enabled,
+                                "ids_opened": self.backing.opened_ids,
+                                "ids_closed": self.backing.closed_ids,
+                                **asdict(self.backing.statistics())}}
 
     # --- the request loop ----------------------------------------------------------------
 

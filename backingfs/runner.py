@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import logging.handlers
 import os
 import resource
+import shutil
 import signal
 import stat
 import sys
@@ -199,6 +201,15 @@ def check_mountpoint(path: str) -> None:
 
 
 def check_dev_fuse() -> None:
+    """/dev/fuse must open for root (mount(2) uses it). A user mounts through the setuid
+    fusermount3, which opens the device itself: the device need only exist (it is 0600 on
+    some systems) and fusermount3 be on PATH."""
+    if os.geteuid() != 0:
+        if not os.path.exists("/dev/fuse"):
+            raise QuietError("/dev/fuse does not exist (is the fuse module loaded?)")
+        if shutil.which("fusermount3") is None:
+            raise QuietError("fusermount3 not found on PATH (install fuse3)")
+        return
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -406,7 +417,7 @@ def _on_signal(fs: Filesystem, session: Session, signum: int) -> None:
         try:
             log.info("statistics: %s", fs.statistics())
             if isinstance(session, NativeSession):
-                log.info("session: %s", session.statistics())
+                log.info("session: %s", json.dumps(session.statistics()))
         except Exception:
             log.exception("statistics() failed")
         return

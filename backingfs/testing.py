@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 #: The directory holding the backingfs/, passthru/ and overlay/ packages.
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -103,6 +105,22 @@ class Mount:
             return Path(self.stderr_path).read_text(errors="replace")
         except OSError:
             return ""
+
+    def session_statistics(self, timeout: float = 10.0) -> dict[str, Any]:
+        """SIGUSR1 the daemon and return the native session's statistics it logs (requests
+        by opcode, passthrough table): the newest ``session: {json}`` line of its stderr."""
+        assert self.pid is not None
+        before = self.stderr_text().count("session: ")
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.stderr_text()
+            if text.count("session: ") > before:
+                line = text[text.rindex("session: "):].partition("\n")[0]
+                return dict(json.loads(line[len("session: "):]))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no session statistics from {self.pid}:\n{text}")
+            time.sleep(0.02)
 
     def _exited(self) -> bool:
         if self.process is not None:

@@ -1,0 +1,369 @@
+"""The native session without a mount: wire layouts, handlers called with hand-built
+requests over a pipe standing in for /dev/fuse, passthrough accounting with fake ioctls,
+and the mount option sorting."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import trio
+
+from backingfs import fuse_abi as abi
+from backingfs import native_ops
+from backingfs.attrs import Attr
+from backingfs.fsapi import Caller, DirEntry, Entry, Filesystem, OpenReply, ReaddirReply
+from backingfs.fusemount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, mount_spec
+from backingfs.native import NativeSession
+from backingfs.passthrough import BackingIds
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("st", "size"), [
+    (abi.IN_HEADER, 40), (abi.OUT_HEADER, 16), (abi.ATTR, 88), (abi.INIT_OUT, 64),
+    (abi.OPEN_OUT, 16), (abi.SETATTR_IN, 88), (abi.READ_IN, 40), (abi.WRITE_IN, 40),
+    (abi.RELEASE_IN, 24), (abi.FLUSH_IN, 24), (abi.KSTATFS, 80), (abi.CREATE_IN, 16),
+    (abi.BACKING_MAP, 16), (abi.FORGET_ONE, 16), (abi.DIRENT_HEAD, 24),
+])
+def test_struct_sizes_match_the_kernel_header(st: struct.Struct, size: int) -> None:
+    assert st.size == size
+
+
+def test_ioctl_numbers() -> None:
+    # _IOW(229, n, size) = (1 << 30) | (size << 16) | (229 << 8) | n
+    assert abi.DEV_IOC_BACKING_OPEN == (1 << 30) | (16 << 16) | (229 << 8) | 1
+    assert abi.DEV_IOC_BACKING_CLOSE == (1 << 30) | (4 << 16) | (229 << 8) | 2
+    assert abi.PASSTHROUGH == 1 << 37
+
+
+def test_entry_and_attr_encoding_round_trip() -> None:
+    attr = Attr(st_ino=77, st_mode=stat.S_IFREG | 0o640, st_nlink=2, st_uid=1000, st_gid=100,
+                st_size=1 << 40, st_blocks=9, st_atime_ns=-1, st_mtime_ns=1_500_000_001,
+                st_ctime_ns=3)
+    out = native_ops.entry_out(Entry(attr, entry_timeout=1.5, attr_timeout=0.0, generation=4))
+    assert len(out) == abi.ENTRY_OUT_SIZE
+    nodeid, gen, ev, av, evn, avn = abi.ENTRY_HEAD.unpack_from(out)
+    assert (nodeid, gen, ev, av, evn, avn) == (77, 4, 1, 0, 500_000_000, 0)
+    f = struct.unpack_from("=QQQqqqIIIIIIIIII", out, abi.ENTRY_HEAD.size)
+    assert f[0:3] == (77, 1 << 40, 9)
+    # a pre-epoch time: seconds floor, nanoseconds positive
+    assert (f[3], f[6]) == (-1, 999_999_999)
+    assert (f[4], f[7]) == (1, 500_000_001)
+    assert f[9] == stat.S_IFREG | 0o640 and f[10:13] == (2, 1000, 100)
+
+
+def test_dirent_size_is_padded_to_8() -> None:
+    assert abi.dirent_size(1, False) == 32
+    assert abi.dirent_size(8, False) == 32
+    assert abi.dirent_size(9, False) == 40
+    assert abi.dirent_size(1, True) == 32 + 128
+
+
+# --- passthrough accounting ----------------------------------------------------------------------
+
+
+class FakeIoctls:
+    def __init__(self, refuse: int | None = None) -> None:
+        self.next_id = 0
+        self.open_ids: set[int] = set()
+        self.log: list[tuple[str, int]] = []
+        self.refuse = refuse
+
+    def open(self, devfd: int, fd: int) -> int:
+        if self.refuse is not None:
+            raise OSError(self.refuse, os.strerror(self.refuse))
+        self.next_id += 1
+        self.open_ids.add(self.next_id)
+        self.log.append(("open", fd))
+        return self.next_id
+
+    def close(self, devfd: int, backing_id: int) -> None:
+        self.open_ids.remove(backing_id)
+        self.log.append(("close", backing_id))
+
+
+def table(ioctls: FakeIoctls, enabled: bool = True) -> BackingIds:
+    return BackingIds(-1, enabled, open_ioctl=ioctls.open, close_ioctl=ioctls.close)
+
+
+def test_one_id_per_inode_closed_at_the_last_release_only() -> None:
+    io = FakeIoctls()
+    t = table(io)
+    a = t.decide(5, fh=1, backing_fd=30)
+    b = t.decide(5, fh=2, backing_fd=31)  # a second open reuses the id
+    assert a == b == 1 and io.log == [("open", 30)]
+    t.release(1)
+    assert io.open_ids == {1}, "closed while an open remained"
+    t.release(2)
+    assert io.open_ids == set() and io.log[-1] == ("close", 1)
+    # the next open registers anew
+    assert t.decide(5, fh=3, backing_fd=32) == 2
+
+
+def test_interleaved_open_release_storm_never_closes_early() -> None:
+    io = FakeIoctls()
+    t = table(io)
+    live: list[int] = []
+    for fh in range(1, 200):
+        t.decide(9, fh, 40)
+        live.append(fh)
+        if fh % 3 == 0:  # release an older one
+            t.release(live.pop(0))
+        assert io.open_ids == {t.backing_id(9)}
+    for fh in live:
+        t.release(fh)
+    assert io.open_ids == set()
+    assert t.statistics().registered == 0
+
+
+def test_cached_and_passthrough_opens_of_one_inode_never_mix() -> None:
+    io = FakeIoctls()
+    t = table(io)
+    assert t.decide(5, fh=1, backing_fd=None) == 0   # cached (fs offered no backing)
+    assert t.decide(5, fh=2, backing_fd=33) == 0     # still cached: the inode is in cached mode
+    assert io.log == []
+    t.release(1)
+    t.release(2)
+    assert t.decide(5, fh=3, backing_fd=33) == 1     # free again: passthrough
+    # with a registration, even an open without an offer must be passthrough (same id)
+    assert t.decide(5, fh=4, backing_fd=None) == 1
+
+
+def test_refused_registration_falls_back_and_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    io = FakeIoctls(refuse=errno.EPERM)
+    t = table(io)
+    assert t.decide(5, 1, 30) == 0
+    assert t.decide(6, 2, 31) == 0
+    assert not t.enabled  # EPERM will not change for this connection
+    warnings = [r for r in caplog.records if "passthrough refused" in r.getMessage()]
+    assert len(warnings) == 1
+    t.release(1)
+    t.release(2)
+    assert t.statistics().cached_opens == 0
+
+
+def test_disabled_table_never_registers() -> None:
+    io = FakeIoctls()
+    t = table(io, enabled=False)
+    assert t.decide(5, 1, 30) == 0 and io.log == []
+
+
+# --- mount options -------------------------------------------------------------------------------
+
+
+def test_mount_spec_sorts_flags_data_and_names() -> None:
+    spec = mount_spec(["allow_other", "default_permissions", "ro", "noatime",
+                       "fsname=/src", "subtype=backingfs-overlay", "suid", "max_read=131072"])
+    assert spec.flags == MS_RDONLY | MS_NOATIME | MS_NODEV  # suid cleared the default nosuid
+    assert spec.data == ["allow_other", "default_permissions", "max_read=131072"]
+    assert spec.fsname == "/src" and spec.fstype == "fuse.backingfs-overlay"
+
+
+def test_mount_spec_defaults_and_unknown() -> None:
+    assert mount_spec([]).flags == MS_NOSUID | MS_NODEV
+    assert mount_spec(["allow_root"]).data == ["allow_other"]
+    with pytest.raises(ValueError, match="bogus"):
+        mount_spec(["bogus"])
+
+
+# --- handlers over a pipe --------------------------------------------------------------------
+
+
+ROOT = Attr(st_ino=1, st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+FILE = Attr(st_ino=2, st_mode=stat.S_IFREG | 0o644, st_size=5)
+
+
+class FakeFs(Filesystem):
+    def __init__(self) -> None:
+        self.forgotten: list[tuple[int, int]] = []
+        self.released: list[int] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.xattrs: dict[bytes, bytes] = {}
+
+    async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
+        self.calls.append(("lookup", parent, name, caller))
+        if name != b"f":
+            raise OSError(errno.ENOENT, "no")
+        return Entry(FILE)
+
+    async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        self.forgotten.extend(items)
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> OpenReply:
+        return OpenReply(fh=10, keep_cache=True, backing=99)
+
+    async def release(self, fh: int) -> None:
+        self.released.append(fh)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return b"hello"[off:off + size]
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        self.calls.append(("write", fh, off, data))
+        return len(data)
+
+    async def readdir(self, fh: int, off: int, reply: ReaddirReply) -> None:
+        entries = [DirEntry(b".", Entry(ROOT), 1), DirEntry(b"..", Entry(ROOT), 2)]
+        entries += [DirEntry(b"n%03d" % i, Entry(FILE), 3 + i) for i in range(100)]
+        for d in entries[off:]:
+            if not reply(d):
+                break
+
+    async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
+        if name not in self.xattrs:
+            raise OSError(errno.ENODATA, "none")
+        return self.xattrs[name]
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        self.xattrs[name] = value
+
+    async def getattr(self, ino: int, caller: Caller) -> Entry:
+        raise RuntimeError("a bug")
+
+
+class PipeSession(NativeSession):
+    """A session whose 'device' is a pipe we read replies from; a reply can be made to
+    fail with ENOENT as the kernel does for an interrupted request."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__(fs)
+        self.rfd, self.fd = os.pipe()
+        self.interrupted = False
+        self.backing = BackingIds(-1, True, open_ioctl=lambda d, f: 7,
+                                  close_ioctl=lambda d, i: None)
+
+    def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> bool:
+        if self.interrupted:
+            return False
+        return super().reply(unique, *payload)
+
+    def take(self) -> tuple[int, int, bytes]:
+        data = os.read(self.rfd, 1 << 20)
+        size, error, unique = abi.OUT_HEADER.unpack_from(data)
+        assert size == len(data)
+        return error, unique, data[abi.OUT_HEADER.size:]
+
+
+def request(op: int, nodeid: int, args: bytes, unique: int = 5) -> bytes:
+    return abi.IN_HEADER.pack(40 + len(args), op, unique, nodeid, 1000, 100, 42, 0, 0) + args
+
+
+@pytest.fixture
+def sess() -> Any:
+    s = PipeSession(FakeFs())
+    yield s
+    os.close(s.rfd)
+    os.close(s.fd)
+
+
+def test_lookup_reply_and_errno(sess: PipeSession) -> None:
+    trio.run(sess._dispatch, request(abi.Op.LOOKUP, 1, b"f\0"))
+    error, unique, body = sess.take()
+    assert (error, unique, len(body)) == (0, 5, abi.ENTRY_OUT_SIZE)
+    assert sess.fs.calls[0] == ("lookup", 1, b"f", Caller(1000, 100, 42, 0))
+    trio.run(sess._dispatch, request(abi.Op.LOOKUP, 1, b"nope\0", unique=6))
+    assert sess.take()[:2] == (-errno.ENOENT, 6)
+
+
+def test_unexpected_exception_is_eio_and_the_loop_survives(sess: PipeSession) -> None:
+    trio.run(sess._dispatch, request(abi.Op.GETATTR, 2, abi.GETATTR_IN.pack(0, 0, 0)))
+    assert sess.take()[0] == -errno.EIO
+
+
+def test_unknown_opcode_is_enosys(sess: PipeSession) -> None:
+    trio.run(sess._dispatch, request(abi.Op.BMAP, 2, b"\0" * 16))
+    assert sess.take()[0] == -errno.ENOSYS
+
+
+def test_interrupted_lookup_reply_gives_the_reference_back(sess: PipeSession) -> None:
+    sess.interrupted = True
+    trio.run(sess._dispatch, request(abi.Op.LOOKUP, 1, b"f\0"))
+    assert sess.fs.forgotten == [(2, 1)]
+
+
+def test_open_reply_passthrough_drops_keep_cache(sess: PipeSession) -> None:
+    trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDONLY, 0)))
+    error, _, body = sess.take()
+    fh, flags, backing_id = abi.OPEN_OUT.unpack(body)
+    assert (error, fh, flags, backing_id) == (0, 10, abi.FOPEN_PASSTHROUGH, 7)
+    trio.run(sess._dispatch, request(abi.Op.RELEASE, 2, abi.RELEASE_IN.pack(10, 0, 0, 0)))
+    assert sess.take()[0] == 0 and sess.fs.released == [10]
+    assert sess.backing.statistics().registered == 0
+
+
+def test_interrupted_open_is_released(sess: PipeSession) -> None:
+    sess.interrupted = True
+    trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDONLY, 0)))
+    assert sess.fs.released == [10]
+    assert sess.backing.statistics().passthrough_opens == 0
+
+
+def test_write_passes_exactly_the_payload(sess: PipeSession) -> None:
+    data = b"abcdef"
+    trio.run(sess._dispatch, request(
+        abi.Op.WRITE, 2, abi.WRITE_IN.pack(10, 4096, len(data), 0, 0, 0, 0) + data))
+    error, _, body = sess.take()
+    assert error == 0 and abi.WRITE_OUT.unpack(body)[0] == 6
+    assert sess.fs.calls[-1] == ("write", 10, 4096, data)
+
+
+def test_readdirplus_fills_to_size_and_settles_references(sess: PipeSession) -> None:
+    size = 4096
+    trio.run(sess._dispatch, request(abi.Op.READDIRPLUS, 1,
+                                     abi.READ_IN.pack(3, 0, size, 0, 0, 0, 0)))
+    error, _, body = sess.take()
+    assert error == 0 and 0 < len(body) <= size
+    names, pos = [], 0
+    while pos < len(body):
+        namelen = struct.unpack_from("=I", body, pos + 128 + 16)[0]
+        names.append(body[pos + 152:pos + 152 + namelen])
+        pos += abi.dirent_size(namelen, True)
+    assert names[:3] == [b".", b"..", b"n000"]
+    assert 2 < len(names) < 102
+    forgotten = dict(sess.fs.forgotten)
+    # ".", ".." (ino 1) given back, and the one entry refused (the fs stops there)
+    assert forgotten == {1: 2, 2: 1}
+
+
+def test_getxattr_size_protocol_and_setxattr_flags(sess: PipeSession) -> None:
+    sess.fs.xattrs[b"user.a"] = b"12345"
+    trio.run(sess._dispatch, request(abi.Op.GETXATTR, 2, abi.GETXATTR_IN.pack(0, 0) + b"user.a\0"))
+    assert abi.GETXATTR_OUT.unpack(sess.take()[2])[0] == 5
+    trio.run(sess._dispatch, request(abi.Op.GETXATTR, 2, abi.GETXATTR_IN.pack(3, 0) + b"user.a\0"))
+    assert sess.take()[0] == -errno.ERANGE
+    trio.run(sess._dispatch, request(abi.Op.GETXATTR, 2, abi.GETXATTR_IN.pack(64, 0) + b"user.a\0"))
+    assert sess.take()[2] == b"12345"
+    create = abi.SETXATTR_IN.pack(1, native_ops.XATTR_CREATE) + b"user.a\0x"
+    trio.run(sess._dispatch, request(abi.Op.SETXATTR, 2, create))
+    assert sess.take()[0] == -errno.EEXIST
+    replace = abi.SETXATTR_IN.pack(1, native_ops.XATTR_REPLACE) + b"user.b\0x"
+    trio.run(sess._dispatch, request(abi.Op.SETXATTR, 2, replace))
+    assert sess.take()[0] == -errno.ENODATA
+    plain = abi.SETXATTR_IN.pack(2, 0) + b"user.b\0xy"
+    trio.run(sess._dispatch, request(abi.Op.SETXATTR, 2, plain))
+    assert sess.take()[0] == 0 and sess.fs.xattrs[b"user.b"] == b"xy"
+
+
+def test_init_negotiates_passthrough_only_without_writeback(sess: PipeSession) -> None:
+    offered = abi.ASYNC_READ | abi.INIT_EXT | abi.MAX_PAGES | abi.PASSTHROUGH | \
+        abi.WRITEBACK_CACHE
+    init = abi.INIT_IN.pack(7, 45, 131072, offered & 0xFFFFFFFF, offered >> 32) + bytes(44)
+    trio.run(sess._dispatch, request(abi.Op.INIT, 0, init))
+    out = abi.INIT_OUT.unpack(sess.take()[2])
+    flags = out[3] | out[10] << 32
+    assert out[:2] == (7, 40) and flags & abi.PASSTHROUGH and out[11] == 1
+    assert not flags & abi.WRITEBACK_CACHE and sess.fs.passthrough
+    # with the writeback cache the kernel refuses passthrough: not asked for
+    sess.fs.enable_writeback_cache = True
+    trio.run(sess._dispatch, request(abi.Op.INIT, 0, init))
+    out = abi.INIT_OUT.unpack(sess.take()[2])
+    flags = out[3] | out[10] << 32
+    assert flags & abi.WRITEBACK_CACHE and not flags & abi.PASSTHROUGH and out[11] == 0
+    assert not sess.fs.passthrough
