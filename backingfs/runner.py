@@ -70,7 +70,7 @@ URING_ENTRIES = 256
 
 #: ``-o session=``: the front-end. pyfuse3 (libfuse 3.14) or the native /dev/fuse session.
 SESSIONS = ("pyfuse3", "native")
-DEFAULT_SESSION = "pyfuse3"
+DEFAULT_SESSION = "native"
 
 Session = Pyfuse3Session | NativeSession
 

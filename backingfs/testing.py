@@ -286,7 +286,7 @@ TARGETS: dict[str, Target] = {}
 def with_options(target: Target, options: tuple[str, ...]) -> Target:
     """A copy of ``target`` that adds ``options`` to its daemon's ``-o`` (FUSE targets)."""
     if isinstance(target, PassthruTarget):
-        return PassthruTarget(target.options + options)
+        return PassthruTarget(target.options + options, target.name)
     if isinstance(target, OverlayTarget):
         return OverlayTarget(target.name, target.where, target.options + options)
     raise ValueError(f"target {target.name} takes no -o options")
@@ -359,10 +359,9 @@ class PassthruTarget(Target):
     """passthru over ``base/source``, mounted through its real CLI; ``options`` are added
     to its ``-o`` (e.g. ``("cache=always", "writeback")``)."""
 
-    name = "passthru"
-
-    def __init__(self, options: tuple[str, ...] = ()) -> None:
+    def __init__(self, options: tuple[str, ...] = (), name: str = "passthru") -> None:
         self.options = options
+        self.name = name
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("passthru.cli") is None:
@@ -445,9 +444,18 @@ class OverlayTarget(Target):
                                  d["mnt"], data=data)
 
 
+#: The front-end variants the battery also runs (the plain names use the default session,
+#: runner.DEFAULT_SESSION, with kernel passthrough where the kernel offers it).
+PYFUSE3 = ("session=pyfuse3",)
+NO_PASSTHROUGH = ("session=native", "passthrough=off")
+
 for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget(),
                 OverlayTarget("overlay-lower", "lower"), OverlayTarget("overlay-upper", "upper"),
-                OverlayTarget("overlay-multi", "multi")):
+                OverlayTarget("overlay-multi", "multi"),
+                PassthruTarget(PYFUSE3, "passthru-pyfuse3"),
+                PassthruTarget(NO_PASSTHROUGH, "passthru-nopt"),
+                OverlayTarget("overlay-lower-pyfuse3", "lower", PYFUSE3),
+                OverlayTarget("overlay-upper-nopt", "upper", NO_PASSTHROUGH)):
     register(_target)
 
 

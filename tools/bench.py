@@ -399,9 +399,14 @@ _VARIANTS = {
     "kernel-overlay": ("kernel-overlay", []),
     "fuse-overlayfs": ("fuse-overlayfs", []),
     "overlay": ("overlay", []),
+    # the other front-end and the native one without kernel passthrough, for comparison
+    "passthru-pyfuse3": ("passthru", ["cache=auto", "session=pyfuse3"]),
+    "passthru-nopt": ("passthru", ["cache=auto", "passthrough=off"]),
+    "overlay-pyfuse3": ("overlay", ["session=pyfuse3"]),
+    "overlay-nopt": ("overlay", ["passthrough=off"]),
 }
-DEFAULT_TARGETS = ("native,passthru-auto,passthru-always,pyfuse3-example,kernel-overlay,"
-                   "fuse-overlayfs,overlay")
+DEFAULT_TARGETS = ("native,passthru-auto,passthru-always,passthru-pyfuse3,pyfuse3-example,"
+                   "kernel-overlay,fuse-overlayfs,overlay,overlay-pyfuse3")
 
 
 def make_target(spec: str, cache: Path) -> Target:

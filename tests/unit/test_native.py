@@ -245,10 +245,12 @@ class PipeSession(NativeSession):
         return super().reply(unique, *payload)
 
     def take(self) -> tuple[int, int, bytes]:
-        data = os.read(self.rfd, 1 << 20)
-        size, error, unique = abi.OUT_HEADER.unpack_from(data)
-        assert size == len(data)
-        return error, unique, data[abi.OUT_HEADER.size:]
+        head = os.read(self.rfd, abi.OUT_HEADER.size)  # one message at a time
+        size, error, unique = abi.OUT_HEADER.unpack(head)
+        body = b""
+        while len(body) < size - len(head):
+            body += os.read(self.rfd, size - len(head) - len(body))
+        return error, unique, body
 
 
 def request(op: int, nodeid: int, args: bytes, unique: int = 5) -> bytes:
@@ -367,3 +369,30 @@ def test_init_negotiates_passthrough_only_without_writeback(sess: PipeSession) -
     flags = out[3] | out[10] << 32
     assert flags & abi.WRITEBACK_CACHE and not flags & abi.PASSTHROUGH and out[11] == 0
     assert not sess.fs.passthrough
+
+
+def test_notifier_messages(sess: PipeSession) -> None:
+    from backingfs.native import NativeNotifier
+
+    notifier = NativeNotifier(sess)
+
+    async def main() -> None:
+        await notifier.invalidate_inode(12, attr_only=True)
+        await notifier.invalidate_inode(13)
+        async with trio.open_nursery() as nursery:
+            sess._nursery = nursery
+            notifier.invalidate_entry(1, b"name")
+            notifier.invalidate_entry(1, b"gone", deleted_ino=14)
+        sess._nursery = None
+
+    trio.run(main)
+    msgs = []
+    for _ in range(4):
+        error, unique, body = sess.take()
+        assert unique == 0
+        msgs.append((error, body))
+    assert msgs[0] == (abi.NOTIFY_INVAL_INODE, abi.NOTIFY_INVAL_INODE_OUT.pack(12, -1, 0))
+    assert msgs[1] == (abi.NOTIFY_INVAL_INODE, abi.NOTIFY_INVAL_INODE_OUT.pack(13, 0, 0))
+    assert sorted(msgs[2:]) == sorted([
+        (abi.NOTIFY_INVAL_ENTRY, abi.NOTIFY_INVAL_ENTRY_OUT.pack(1, 4, 0) + b"name\0"),
+        (abi.NOTIFY_DELETE, abi.NOTIFY_DELETE_OUT.pack(1, 14, 4, 0) + b"gone\0")])
