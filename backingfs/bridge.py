@@ -426,6 +426,18 @@ class Pyfuse3Notifier:
                 log.warning("invalidate_inode(%d) failed: %s", ino, e)
 
 
+class _ReplyRaceFilter(logging.Filter):
+    """pyfuse3 logs ERROR when a reply finds its request gone (ENOENT: interrupted, or the
+    connection ending, e.g. the last RELEASE after ``umount -l``). Nothing is lost then:
+    keep it for -d only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "fuse_reply_" in msg and "No such file or directory" in msg:
+            return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
 class Pyfuse3Session:
     """The pyfuse3 front-end's session control: mount, serve, terminate, unmount.
 
@@ -436,6 +448,10 @@ class Pyfuse3Session:
 
     def __init__(self, fs: fsapi.Filesystem) -> None:
         self.ops = Bridge(fs)
+        self.fs = fs
+        pyfuse3_log = logging.getLogger("pyfuse3")
+        if not any(isinstance(f, _ReplyRaceFilter) for f in pyfuse3_log.filters):
+            pyfuse3_log.addFilter(_ReplyRaceFilter())
 
     @property
     def init_hooks(self) -> list[Callable[[], None]]:

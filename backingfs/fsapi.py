@@ -130,6 +130,11 @@ class Filesystem:
     enable_writeback_cache: bool = False
     #: Let the kernel enforce POSIX ACLs (FUSE_CAP_POSIX_ACL).
     enable_acl: bool = False
+    #: Let the kernel keep directory listings in its page cache across opens (native
+    #: session: FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE on OPENDIR). It drops them when the
+    #: directory changes through the mount, or when a revalidated mtime differs, so the
+    #: staleness is that of the attribute timeout.
+    cache_dirs: bool = False
     #: Set by the front-end before ``init``: the kernel may serve opens that offer a
     #: ``backing`` fd itself. Their writes then never reach the filesystem, so attributes
     #: must come from the backing file (getattr stats it), not from a cache of our writes.

@@ -417,7 +417,8 @@ async def fsync(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
 @handler(abi.Op.OPENDIR)
 async def opendir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh = await s.fs.opendir(nodeid, _caller(ids))
-    if not s.reply(unique, abi.OPEN_OUT.pack(fh, 0, 0)):
+    flags = abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE if s.fs.cache_dirs else 0
+    if not s.reply(unique, abi.OPEN_OUT.pack(fh, flags, 0)):
         with trio.CancelScope(shield=True):
             await s.fs.releasedir(fh)
 

@@ -318,7 +318,7 @@ def _install_early_signal_handlers() -> None:
 def _serve(make_session: Callable[[], tuple[Session, set[str]]], mountpoint: str,
            on_live: Callable[[], None] | None) -> int:
     session, options = make_session()
-    fs = session.fs if isinstance(session, NativeSession) else session.ops.fs
+    fs = session.fs
     log.debug("mounting on %s with options %s", mountpoint, sorted(options))
     try:
         session.mount(mountpoint, options)
@@ -341,20 +341,26 @@ def _serve(make_session: Callable[[], tuple[Session, set[str]]], mountpoint: str
 
 async def _session(fs: Filesystem, session: Session, mountpoint: str) -> int:
     # The ring's reaper lives in an outer nursery: it must outlast fs.destroy(), which
-    # waits for every queued request, ring ones included, to complete.
-    async with trio.open_nursery() as backend:
-        ring = await _start_io_backend(backend)
-        try:
-            return await _serve_session(fs, session, mountpoint)
-        finally:
-            if ring is not None:
+    # waits for every queued request, ring ones included, to complete. The ring is closed
+    # only after the reaper has stopped waiting on its eventfd.
+    ring: uring.Uring | None = None
+    code = 1
+    try:
+        async with trio.open_nursery() as backend:
+            ring = await _start_io_backend(backend)
+            try:
+                code = await _serve_session(fs, session, mountpoint)
+            finally:
                 uring.ACTIVE = None
-                if ring.pending:  # destroy() failed to drain: leave the ring, never unmap
-                    log.error("io_uring still has %d requests after destroy", ring.pending)
-                else:
-                    log.info("backing I/O: io_uring completed %d requests", ring.completed)
-                    ring.close()
-            backend.cancel_scope.cancel()
+                backend.cancel_scope.cancel()
+    finally:
+        if ring is not None:
+            if ring.pending:  # destroy() failed to drain: leave the ring, never unmap
+                log.error("io_uring still has %d requests after destroy", ring.pending)
+            else:
+                log.info("backing I/O: io_uring completed %d requests", ring.completed)
+                ring.close()
+    return code
 
 
 async def _start_io_backend(nursery: trio.Nursery) -> uring.Uring | None:

@@ -309,11 +309,14 @@ class Uring:
         """Reap completions forever, calling each callback on this (the loop) thread.
 
         Cancel it only once ``pending`` is 0: a callback left unrun is a request that never
-        completes (and whose buffer is pinned until ``close``).
+        completes (and whose buffer is pinned until ``close``). Returns once ``close`` ran.
         """
         task_status.started()
-        while True:
-            await trio.lowlevel.wait_readable(self._efd)
+        while self._efd >= 0:
+            try:
+                await trio.lowlevel.wait_readable(self._efd)
+            except trio.ClosedResourceError:
+                return  # close() took the eventfd away
             try:
                 os.read(self._efd, 8)
             except BlockingIOError:
@@ -365,6 +368,12 @@ class Uring:
             m.close()
         self._maps.clear()
         if self._efd >= 0:
+            # trio must drop its epoll registration while the fd is still open (and wake a
+            # run() waiting on it): after the close the number may name another file.
+            try:
+                trio.lowlevel.notify_closing(self._efd)
+            except RuntimeError:  # outside trio.run: nobody can be waiting
+                pass
             os.close(self._efd)
             self._efd = -1
         if self.fd >= 0:

@@ -19,6 +19,7 @@ Modules (one concept each, as fs/overlayfs/):
     copyup.py     copy-up in work/ + one rename; parents first; once per inode
     whiteout.py   whiteout/opaque formats: char 0/0, xattr form, AUFS .wh. names
     xattrs.py     overlay-private xattr names, the overlay.overlay. escape, copy-up filter
+    idmap.py      ownership options: uid/gid mapping, squash_to_*, owner/mode in xattrs
     ops.py        OverlayFs(fsapi.Filesystem): one-line handlers over the modules above
 
 Inode numbers (st_ino == the FUSE node id == d_ino; one st_dev, the mount's):

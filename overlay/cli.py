@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from backingfs.options import parse_argv, parse_option, split_fuse_options
 from backingfs.runner import cli_main, run
 
-from .params import parse_params
+from .params import UNSUPPORTED, parse_params
 
 PROG = "backingfs-overlay"
 VERSION = "0.1.0"
@@ -40,10 +40,18 @@ Mount a union of directories in the kernel overlayfs on-disk format.
        userxattr         keep overlay xattrs in user.overlay.* instead of trusted.overlay.*
        volatile          never sync the upper layer
        fsync=0|1         whether fsync reaches the upper layer (default 1)
-       timeout=SECONDS   kernel entry/attribute cache timeout (default 1)
+       timeout=SECONDS   kernel entry/attribute cache timeout (default 1e9)
        writeback=0|1     FUSE writeback cache (default 0)
        redirect_dir=off  accepted (the only supported value)
-       noacl, static_nlink, and the FUSE options (allow_other, ro, nodev, ...)
+       uidmapping=CONT:HOST:LEN[:CONT:HOST:LEN...], gidmapping=...
+                         layer ids CONT.. are reported as HOST.. (and stored back)
+       squash_to_root, squash_to_uid=N, squash_to_gid=N
+                         report every object as owned by root / N
+       xattr_permissions=0|1|2
+                         keep owner and mode in security.fuseoverlayfs.override_stat (1)
+                         or user.containers.override_stat (2) on the upper layer
+       noacl, static_nlink, context= (ignored), and the FUSE options (allow_other, ro,
+       nodev, ...); plugins=, threaded=, fast_ino= are ignored with a warning
   -h, --help      this help
   -V, --version   print the version
 """
@@ -58,14 +66,31 @@ DROPPED_FUSE_OPTIONS = frozenset({"context", "fscontext", "defcontext", "rootcon
 
 
 def warn_unknown(token: str) -> None:
-    print(f"unknown argument ignored: {token}", file=sys.stderr)
+    kind = "unsupported" if parse_option(token)[0] in UNSUPPORTED else "unknown"
+    print(f"{kind} argument ignored: {token}", file=sys.stderr)
+
+
+#: The mount's fstype is ``fuse.backingfs-overlay`` (what ``mount -t`` and fstab name).
+SUBTYPE = "subtype=backingfs-overlay"
+
+#: A default is dropped when the user gave one of these: the options reach libfuse as a
+#: set, so "the later one wins" cannot decide between ``suid`` and a given ``nosuid``.
+_DEFAULT_YIELDS_TO = {
+    "suid": frozenset({"nosuid"}),
+    "noatime": frozenset({"atime", "relatime", "strictatime", "norelatime", "nostrictatime"}),
+    "allow_other": frozenset({"allow_root"}),
+}
 
 
 def fuse_options_for(given: set[str], *, is_root: bool) -> set[str]:
-    """The libfuse options to mount with: the defaults plus what was given, minus SELinux
-    labels."""
+    """The libfuse options to mount with: the defaults (unless the user gave their
+    opposite) plus what was given, minus SELinux labels, with our subtype."""
     opts = {o for o in given if parse_option(o)[0] not in DROPPED_FUSE_OPTIONS}
-    opts.update(ROOT_DEFAULTS if is_root else USER_DEFAULTS)
+    for default in ROOT_DEFAULTS if is_root else USER_DEFAULTS:
+        if not opts & _DEFAULT_YIELDS_TO.get(default, frozenset()):
+            opts.add(default)
+    if not any(parse_option(o)[0] == "subtype" for o in opts):
+        opts.add(SUBTYPE)
     return opts
 
 

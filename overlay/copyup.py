@@ -14,6 +14,11 @@
    not at all, and a crash leaves junk only in work/ (emptied at mount);
 5. the parent's atime/mtime are put back; the inode's ``upper`` is set.
 
+Under the ownership options (idmap.py) the owner and mode carried over are the ones the
+lower layer records (its override xattr, if it keeps them so), written the way the upper
+keeps them (its override xattr with ``xattr_permissions``, else the inode); the override
+xattrs themselves are not copied.
+
 The origin record (xattrs.origin_name) is the st_ino the object had, so st_ino survives
 copy-up and remounts. As the kernel does, it is not written for a file with more than one
 link (the copy breaks the hard link, and two uppers must not claim one number): that inode
@@ -54,17 +59,33 @@ async def copy_up(sb: Superblock, inode: OvlInode, *, size: int | None = None) -
         return
     if sb.is_read_only:
         raise OSError(errno.EROFS, "read-only overlay")
-    parent = inode.parent
-    if parent is None:
-        raise OSError(errno.ESTALE, "copy-up of an inode without a parent")
-    await copy_up(sb, parent)
+    # Parents first, top-down, in a loop: a recursion would end in RecursionError (EIO)
+    # for a file ~1,000 directories deep in a lower layer.
+    while inode.upper is None:
+        chain: list[OvlInode] = []
+        node = inode
+        while node.upper is None:
+            chain.append(node)
+            parent = node.parent
+            if parent is None:
+                raise OSError(errno.ESTALE, "copy-up of an inode without a parent")
+            node = parent
+        for node in reversed(chain):
+            await _copy_up_one(sb, node, size if node is inode else None)
+
+
+async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> None:
+    """Copy up ``inode`` itself once its parent is up; returns without copying if the
+    parent is not up (it moved meanwhile: ``copy_up`` walks the chain again)."""
     async with inode.copy_up_lock:
-        if inode.upper is not None:
+        parent = inode.parent
+        if inode.upper is not None or parent is None or parent.upper is None:
             return
-        assert parent.upper is not None and inode.lowers
+        assert inode.lowers
         origin = inode.key if isinstance(inode.key, int) else None
         upper, st = await trio.to_thread.run_sync(
-            _copy_up_sync, sb, parent.upper, inode.name, inode.lowers[0].fd, origin, size)
+            _copy_up_sync, sb, parent.upper, inode.name, inode.lowers[0].fd,
+            inode.lowers[0].layer.index, origin, size)
         inode.upper = upper
         inode.upper_xwhiteouts = False
         inode.attrs.invalidate()
@@ -72,7 +93,7 @@ async def copy_up(sb: Superblock, inode: OvlInode, *, size: int | None = None) -
             sb.inodes.mark_stale(inode)
 
 
-def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int,
+def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int, src_layer: int,
                   origin: int | None, size: int | None) -> tuple[int, os.stat_result]:
     """Steps 3-5 of the module docstring; returns (O_PATH fd of the new upper object, the
     source's stat). Blocking."""
@@ -87,10 +108,18 @@ def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int,
         _make_copy(sb, work, tmp, src_fd, st, size)
         created = True
         fd = open_path(work, tmp)
-        copy_xattrs(src_fd, fd, sb.prefix)
+        owners = sb.owners
+        copy_xattrs(src_fd, fd, sb.prefix,
+                    skip=owners.private_names if owners is not None else frozenset())
         if origin is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             bxattrs.fsetxattr(fd, oxattrs.origin_name(sb.prefix), b"%d" % origin)
-        copy_owner_mode_times(fd, st)
+        if owners is None:
+            copy_owner_mode_times(fd, st)
+        else:  # the owner the lower layer records (idmap.py), kept the way the upper keeps it
+            owner = owners.layer_owner(src_fd, src_layer, st)
+            owners.set_owner(fd, owner.uid, owner.gid,
+                             None if stat.S_ISLNK(st.st_mode) else owner.perm, os.fstat(fd))
+            utimens(fd, st.st_atime_ns, st.st_mtime_ns)
         renameat2(work, tmp, parent_fd, name, RENAME_NOREPLACE)
         created = False
         with contextlib.suppress(OSError):  # best effort, as the kernel
@@ -131,8 +160,10 @@ def _make_copy(sb: Superblock, work: int, tmp: bytes, src_fd: int, st: os.stat_r
         os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work)
 
 
-def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes) -> None:
-    """Every xattr of ``src_fd`` but overlay-private ones onto ``dst_fd`` (O_PATH fds)."""
+def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes,
+                skip: frozenset[bytes] = frozenset()) -> None:
+    """Every xattr of ``src_fd`` but overlay-private ones and ``skip`` onto ``dst_fd``
+    (O_PATH fds)."""
     try:
         names = bxattrs.flistxattr(src_fd)
     except OSError as e:
@@ -140,7 +171,7 @@ def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes) -> None:
             return
         raise
     for name in names:
-        if not oxattrs.is_copied_up(name, prefix):
+        if not oxattrs.is_copied_up(name, prefix) or name in skip:
             continue
         try:
             value = bxattrs.fgetxattr(src_fd, name)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from backingfs import xattrs as bxattrs
 from backingfs.creds import caller_groups, chown_new, new_mode, new_owner
 from backingfs.fsapi import RENAME_EXCHANGE, RENAME_NOREPLACE, Caller, Entry, OpenReply
-from backingfs.syscalls import RENAME_WHITEOUT, proc_path, renameat2
+from backingfs.syscalls import RENAME_WHITEOUT, open_path, proc_path, renameat2
 
 from . import whiteout as wo
 from .copyup import copy_up
@@ -76,10 +76,17 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     assert parent.upper is not None
     parent_fd = parent.upper
     pst = os.fstat(parent_fd)
-    uid, gid = new_owner(caller.uid, caller.gid, pst)
+    cuid, cgid = caller.uid, caller.gid
+    owners = sb.owners
+    if owners is not None:  # the caller's ids and the parent's owner as the layer keeps them
+        pst = owners.layer_stat(parent_fd, 0, pst)
+        cuid, cgid = owners.uid_in(cuid), owners.gid_in(cgid)
+    uid, gid = new_owner(cuid, cgid, pst)
     is_dir = kind == KIND_DIR
-    in_group = caller.gid == pst.st_gid or pst.st_gid in caller_groups(caller.pid)
-    final_mode = new_mode(mode, caller.umask, pst, is_dir, caller.gid, in_group or
+    in_group = cgid == pst.st_gid or pst.st_gid in (
+        caller_groups(caller.pid) if owners is None
+        else owners.groups_in(caller_groups(caller.pid)))
+    final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
                           caller.uid == 0, apply_umask=False)
     src_fd = link_src.upper if link_src is not None else None
     _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid, gid, over_whiteout,
@@ -116,8 +123,15 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
         # SHARE: same as passthru/dir.py:give_owner (new object -> caller's uid/gid, then the
         # final mode, since chown clears set-id bits).
         if kind != KIND_LINK:
-            chown_new(nm, uid, gid, dir_fd=dir_fd,
-                      mode=None if kind == KIND_LNK else stat.S_IMODE(mode))
+            perm = None if kind == KIND_LNK else stat.S_IMODE(mode)
+            if sb.owners is None:
+                chown_new(nm, uid, gid, dir_fd=dir_fd, mode=perm)
+            else:
+                fd = open_path(dir_fd, nm)
+                try:
+                    sb.owners.set_owner(fd, uid, gid, perm, os.fstat(fd))
+                finally:
+                    os.close(fd)
         if opaque:
             bxattrs.setxattrat(dir_fd, nm, sb.prefix + b"opaque", b"y")
         if in_work:
@@ -268,6 +282,8 @@ async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool)
 
 def _same_object(a: Resolved, b: Resolved) -> bool:
     assert a.st is not None and b.st is not None
+    if a.upper is None and not a.is_dir and a.st.st_nlink > 1:
+        return False  # lower hard links are inodes of their own (namei.adopt), as in the kernel
     return (a.st.st_dev, a.st.st_ino) == (b.st.st_dev, b.st.st_ino)
 
 

@@ -9,6 +9,10 @@ number (namei.py), the one st_dev is the FUSE mount's; merged directories report
 Every change copies the object up first (copyup.py), then applies to the upper object
 under ``inode.lock``. Overlay-private xattrs are invisible (xattrs.py). With no upper
 layer every change is EROFS.
+
+Ownership options (idmap.py: id mapping, squashing, owner/mode in xattrs) apply at this
+boundary: ``make_entry`` for every attribute going out, ``setattr`` for owner and mode
+coming in, and the ACL xattrs' ids both ways.
 """
 
 from __future__ import annotations
@@ -45,12 +49,20 @@ def make_attr(sb: Superblock, inode: OvlInode, st: os.stat_result) -> Attr:
     return Attr.from_stat(st, ino=inode.ino).replace(st_nlink=nlink)
 
 
+def data_layer_index(inode: OvlInode) -> int:
+    layer = inode.data_layer()
+    return 0 if layer is None else layer.index
+
+
 def make_entry(sb: Superblock, inode: OvlInode, st: os.stat_result | None = None) -> Entry:
     """The entry reply for ``inode`` (``st``: a fresh stat of its data object, if known)."""
     version = inode.attrs.version
     if st is None:
         st = os.fstat(inode.data_fd())
     attr = inode.attrs.merge(make_attr(sb, inode, st), version)
+    owners = sb.owners
+    if owners is not None:  # after the merge: the cache holds the backing inode's values
+        attr = owners.attr_out(attr, inode.data_fd(), data_layer_index(inode))
     timeout = sb.params.timeout
     return Entry(attr, entry_timeout=timeout, attr_timeout=timeout)
 
@@ -73,6 +85,8 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
             else:
                 os.truncate(proc_path(upper), size)
 
+        if sb.owners is not None:
+            changes = sb.owners.setattr_in(upper, changes, os.fstat(upper))
         st = await setattr_backing(upper, stat.S_IFMT(inode.mode), changes, truncate)
         inode.attrs.copyattr(st)
         return make_entry(sb, inode, st)
@@ -91,20 +105,39 @@ def access(sb: Superblock, inode: OvlInode, mode: int, caller: Caller) -> None:
     if mode & os.W_OK and sb.is_read_only and not stat.S_ISCHR(inode.mode) \
             and not stat.S_ISBLK(inode.mode) and not stat.S_ISFIFO(inode.mode):
         raise OSError(errno.EROFS, "read-only overlay")
-    check_access(os.fstat(inode.data_fd()), mode, caller.uid, caller.gid, caller.pid)
+    if sb.owners is None:
+        check_access(os.fstat(inode.data_fd()), mode, caller.uid, caller.gid, caller.pid)
+    else:  # the attributes the mount reports are the ones to check against
+        attr = make_entry(sb, inode).attr
+        check_access(attr, mode, caller.uid, caller.gid, caller.pid)  # type: ignore[arg-type]
+
+
+def _check_client_name(sb: Superblock, name: bytes, errno_: int) -> None:
+    if sb.owners is not None and sb.owners.is_private(name):
+        raise OSError(errno_, "xattr reserved for ownership records", name)
 
 
 async def getxattr(sb: Superblock, inode: OvlInode, name: bytes) -> bytes:
+    _check_client_name(sb, name, errno.ENODATA)
     backing = oxattrs.to_backing(name, sb.prefix)
-    return bxattrs.fgetxattr(inode.data_fd(), backing)
+    value = bxattrs.fgetxattr(inode.data_fd(), backing)
+    if sb.owners is not None:
+        value = sb.owners.acl_out(name, value)
+    return value
 
 
 async def listxattr(sb: Superblock, inode: OvlInode) -> list[bytes]:
-    return oxattrs.filter_list(bxattrs.flistxattr(inode.data_fd()), sb.prefix)
+    names = oxattrs.filter_list(bxattrs.flistxattr(inode.data_fd()), sb.prefix)
+    if sb.owners is not None:
+        names = [n for n in names if not sb.owners.is_private(n)]
+    return names
 
 
 async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -> None:
     check_writable(sb)
+    _check_client_name(sb, name, errno.EPERM)
+    if sb.owners is not None:
+        value = sb.owners.acl_in(name, value)
     backing = oxattrs.to_backing(name, sb.prefix)
     await copy_up(sb, inode)
     async with inode.lock:
@@ -115,6 +148,7 @@ async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -
 
 async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
     check_writable(sb)
+    _check_client_name(sb, name, errno.EPERM)
     backing = oxattrs.to_backing(name, sb.prefix)
     # Nothing to remove is ENODATA without a copy-up (the kernel checks first, too).
     bxattrs.fgetxattr(inode.data_fd(), backing)

@@ -165,6 +165,13 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
     else:  # unmappable backing ino: a non-persistent number, unique per backing object
         layer = res.lowers[0].layer.index if res.upper is None else 0
         key = ("nomap", layer, res.st.st_dev, res.st.st_ino)
+    if (res.upper is None and not res.is_dir and res.st.st_nlink > 1
+            and not sb.is_read_only):
+        # A lower hard link that copy-up will break (no index): each name is an inode of
+        # its own, as the kernel's ovl_hash_bylower() decides. One shared inode would copy
+        # up whichever name it was last looked up as, and the kernel's cached dentries of
+        # the other names would see the copy's data.
+        key = ("lower-link", key, parent.ino, name)
     created: list[OvlInode] = []
 
     def make(ino: int) -> OvlInode:

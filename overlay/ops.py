@@ -37,6 +37,9 @@ class OverlayFs(Filesystem):
         # ACL xattrs pass through as plain xattrs; the kernel's ACL enforcement
         # (FUSE_POSIX_ACL) is not asked for yet, with or without noacl.
         self.enable_acl = False
+        # Changes reach the merged directories only through the mount (lower layers
+        # changing underneath are undefined, as for keep_cache), unless timeout=0.
+        self.cache_dirs = sb.params.timeout > 0
 
     def _inode(self, ino: int) -> OvlInode:
         return self.sb.inodes.get(ino)
@@ -169,5 +172,10 @@ class OverlayFs(Filesystem):
         ovl_inode.access(self.sb, self._inode(ino), mode, caller)
 
     def statistics(self) -> dict[str, object]:
-        return {"inodes": self.sb.inodes.statistics(),
-                "handles": self.sb.handles.statistics()}
+        """Flat counts for the SIGUSR1 line (a Python literal, as passthru's)."""
+        i = self.sb.inodes.statistics()
+        h = self.sb.handles.statistics()
+        return {"inodes": i.inodes, "stale": i.stale, "lookups": i.lookups,
+                "opens": i.opens, "evicted": i.evicted, "handles": h.handles,
+                "opened": h.opened, "released": h.released, "in_flight": i.in_flight,
+                "handle_in_flight": h.in_flight}

@@ -8,7 +8,10 @@ unescape themselves.
 
 Unknown options are not errors (fuse-overlayfs prints ``unknown argument ignored: OPT`` and
 goes on, and mount helpers and podman rely on that): ``parse_params`` reports them through
-``warn``. Options we know but cannot honour (id mapping, redirect_dir=on, ...) are refused.
+``warn``, and so it does fuse-overlayfs's tuning knobs we do not implement (``plugins=``,
+``threaded=``, ``fast_ino=``). Options we know but cannot honour (redirect_dir=on, ...) are
+refused. Ownership options (``uidmapping=``, ``squash_to_*``, ``xattr_permissions=``) are
+parsed here and applied by idmap.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from backingfs.options import UsageError, split_colon_list, unescape
+
+from .idmap import IdRange, parse_mapping
 
 #: The kernel's OVL_MAX_STACK.
 MAX_LOWERS = 500
@@ -36,6 +41,13 @@ class OvlParams:
     noacl: bool = False
     static_nlink: bool = False
     debug: bool = False
+    # Ownership (idmap.py).
+    uid_mapping: tuple[IdRange, ...] = ()
+    gid_mapping: tuple[IdRange, ...] = ()
+    squash_to_root: bool = False
+    squash_to_uid: int | None = None
+    squash_to_gid: int | None = None
+    xattr_permissions: int = 0  # 0: owner/mode on the inode; 1, 2: in an xattr
 
     @property
     def xattr_prefix(self) -> bytes:
@@ -109,11 +121,34 @@ def _only(allowed: str) -> Callable[[OvlParams, str, str | None], None]:
 
 
 def _accept(p: OvlParams, key: str, value: str | None) -> None:
-    """Accepted and dropped: fuse-overlayfs tuning knobs with no meaning here."""
+    """Accepted and dropped: options with no meaning here."""
 
 
-def _refuse(p: OvlParams, key: str, value: str | None) -> None:
-    raise UsageError(f"option {key} is not supported")
+def _set_mapping(attr: str) -> Callable[[OvlParams, str, str | None], None]:
+    def setter(p: OvlParams, key: str, value: str | None) -> None:
+        try:
+            setattr(p, attr, parse_mapping(value or ""))
+        except ValueError as e:
+            raise UsageError(f"{key}: {e}") from None
+    return setter
+
+
+def _set_id(attr: str) -> Callable[[OvlParams, str, str | None], None]:
+    def setter(p: OvlParams, key: str, value: str | None) -> None:
+        try:
+            n = int(value or "", 10)
+        except ValueError:
+            raise UsageError(f"invalid value for {key}: {value!r}") from None
+        if not 0 <= n <= 0xFFFFFFFE:
+            raise UsageError(f"invalid value for {key}: {value!r}")
+        setattr(p, attr, n)
+    return setter
+
+
+def _set_xattr_permissions(p: OvlParams, key: str, value: str | None) -> None:
+    if value not in ("0", "1", "2"):
+        raise UsageError(f"invalid value for xattr_permissions: {value!r} (0, 1 or 2)")
+    p.xattr_permissions = int(value)
 
 
 def _set_debug(p: OvlParams, key: str, value: str | None) -> None:
@@ -135,24 +170,25 @@ _TABLE: dict[str, Callable[[OvlParams, str, str | None], None]] = {
     "index": _only("off"),
     "metacopy": _only("off"),
     "debug": _set_debug,
-    # fuse-overlayfs knobs that change nothing observable for us.
-    "threaded": _accept,
-    "fast_ino": _accept,
     "xino": _accept,  # st_ino is always persistent and unique (inode.py)
-    # Id mapping would silently change ownership if ignored: refuse it.
-    "uidmapping": _refuse,
-    "gidmapping": _refuse,
-    "squash_to_root": _refuse,
-    "squash_to_uid": _refuse,
-    "squash_to_gid": _refuse,
-    "xattr_permissions": _refuse,
+    "uidmapping": _set_mapping("uid_mapping"),
+    "gidmapping": _set_mapping("gid_mapping"),
+    "squash_to_root": _set_flag("squash_to_root"),
+    "squash_to_uid": _set_id("squash_to_uid"),
+    "squash_to_gid": _set_id("squash_to_gid"),
+    "xattr_permissions": _set_xattr_permissions,
 }
+
+#: fuse-overlayfs options we do not implement and that are safe to ignore (tuning, the C
+#: version's lower-layer plugins): a warning, and the mount goes on.
+UNSUPPORTED = frozenset({"plugins", "threaded", "fast_ino", "fast_ino_check"})
 
 
 def parse_params(options: Iterable[tuple[str, str | None]],
                  warn: Callable[[str], None]) -> OvlParams:
     """Build OvlParams from ``(key, value)`` filesystem options (``split_fuse_options``'
-    second result), then ``verify`` them. ``warn(token)`` is called for unknown options."""
+    second result), then ``verify`` them. ``warn(token)`` is called for each ignored option
+    (unknown, or in ``UNSUPPORTED``)."""
     p = OvlParams()
     for key, value in options:
         setter = _TABLE.get(key)

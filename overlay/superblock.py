@@ -35,6 +35,7 @@ from backingfs.sync import SyncPolicy
 from backingfs.syscalls import O_PATH_NOFOLLOW, close_reports_errors
 
 from .entry import OvlInode
+from .idmap import Ownership
 from .layers import Layer, LayerStack, open_layer
 from .params import OvlParams
 from .whiteout import WHITEOUT_AUFS, WHITEOUT_CHR, probe_whiteout
@@ -70,6 +71,8 @@ class Superblock:
         self.work_fd = work_fd  # O_PATH fd of workdir/work, None when read-only
         self.whiteout_kind = whiteout_kind
         self.prefix = params.xattr_prefix
+        # uid/gid mapping, squashing, owner/mode in xattrs; None: ownership passes through.
+        self.owners: Ownership | None = Ownership.build(params, layers)
         self.sync = SyncPolicy(fsync=params.fsync, volatile=params.volatile)
         self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
@@ -127,7 +130,11 @@ class Superblock:
                                 work.path)
                 os.close(work.fd)
                 opened.remove(work)
-            return cls(params, LayerStack(upper, lowers), work_fd, whiteout_kind)
+            try:
+                return cls(params, LayerStack(upper, lowers), work_fd, whiteout_kind)
+            except OSError as e:  # Ownership.build: the upper refuses the override xattr
+                raise QuietError(f"cannot set up xattr_permissions on the upper layer: "
+                                 f"{e.strerror}") from None
         except BaseException:
             for layer in opened:
                 os.close(layer.fd)

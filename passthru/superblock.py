@@ -62,6 +62,9 @@ class PassthruFs(Filesystem):
         self.attr_timeout = self.params.attr_timeout
         self.negative_timeout = self.params.negative_timeout
         self.keep_cache = self.params.keep_cache
+        # Cached listings are dropped when a revalidated mtime differs: cache=auto sees
+        # changes made in SOURCE after its timeout, as it does for attributes.
+        self.cache_dirs = self.params.entry_timeout > 0
         self.writeback = self.params.writeback
         self.enable_writeback_cache = self.params.writeback
         self.workers = workers or default_workers()

@@ -84,7 +84,7 @@ def test_relative_paths_are_made_absolute() -> None:
     ("lowerdir=/a,fsync=2", "fsync"),
     ("lowerdir=/a,writeback=yes", "writeback"),
     ("lowerdir=/a,timeout=soon", "timeout"),
-    ("lowerdir=/a,uidmapping=0:1000:1", "uidmapping"),
+    ("lowerdir=/a,uidmapping=0:1000", "uidmapping"),
     ("lowerdir=" + ":".join(f"/l{i}" for i in range(501)), "too many lower"),
 ])
 def test_bad_options_are_usage_errors(opts: str, message: str) -> None:

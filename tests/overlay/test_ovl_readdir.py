@@ -86,9 +86,11 @@ def test_offsets_stable_while_directory_changes(ovl: OvlLayers) -> None:
     while (n := next_name()) is not None:
         again.append(n)
     libc.closedir(d)
-    # the same listing from the same offset: nothing repeated, nothing new, removed
-    # names may be skipped
-    assert again == [n for n in tail if n not in deleted]
+    # the same listing from the same offset: nothing repeated, nothing new; removed names
+    # may or may not be listed (POSIX leaves it unspecified; the kernel's directory cache,
+    # FOPEN_CACHE_DIR, still lists them, as it does on fuse-overlayfs)
+    assert [n for n in again if n not in deleted] == [n for n in tail if n not in deleted]
+    assert len(again) == len(set(again)) and set(again) <= set(tail)
     seen = [n for n in first + tail if n not in (b".", b"..")]
     assert len(seen) == len(set(seen)) == 300
 
