@@ -66,6 +66,8 @@ class NativeSession:
         self._view = memoryview(self._buf)
         self._stop = False
         self._mounted = False
+        #: Why the session ended in failure (INIT refused), else None.
+        self.failed: str | None = None
         self._read_lock = trio.Lock()
         self._wait_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -223,6 +225,12 @@ class NativeSession:
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("error reply to request %d failed: %s", unique, e)
+
+    def fail(self, why: str) -> None:
+        """A fatal error at INIT: log it, stop serving (the runner unmounts, exits 1)."""
+        log.error("%s; unmounting", why)
+        self.failed = why
+        self.terminate()
 
     def end(self) -> None:
         """DESTROY: no more requests will come."""

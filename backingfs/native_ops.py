@@ -130,6 +130,7 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
             s.reply(unique, abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION,
                                               0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
             return
+        s.fail("unsupported FUSE protocol version")
         raise OSError(errno.EPROTO, "unsupported FUSE protocol version")
     offered = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
     want = WANTED
@@ -149,7 +150,7 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
             want |= abi.PASSTHROUGH
             passthrough = True
         elif s.passthrough_mode == "on":
-            log.error("passthrough=on but kernel passthrough is unavailable: %s", why)
+            s.fail(f"passthrough=on but kernel passthrough is unavailable: {why}")
             raise OSError(errno.EPROTO, "passthrough unavailable")
         else:
             log.info("kernel passthrough off: %s", why)

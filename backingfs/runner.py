@@ -393,6 +393,8 @@ async def _serve_session(fs: Filesystem, session: Session, mountpoint: str) -> i
             log.info("serving %s", mountpoint)
             try:
                 await session.serve(MIN_TASKS, MAX_TASKS)
+                if getattr(session, "failed", None):
+                    code = 1
             except Exception:
                 log.exception("FUSE session loop failed")
                 code = 1

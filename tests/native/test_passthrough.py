@@ -35,6 +35,7 @@ from backingfs.testing import (
     FuseTargetMount,
     cli_argv,
     fuse_unavailable,
+    is_fuse_mounted,
     start_daemon,
     start_fuse_target,
 )
@@ -362,5 +363,21 @@ def test_unprivileged_mount_falls_back_to_userspace_io(tmp_path: Path,
                 mount.stderr_text()
         subprocess.run([*_as(nobody), "fusermount3", "-u", str(mnt)], check=True)
         assert mount.wait_exit(10) == 0
+    finally:
+        mount.force_cleanup()
+
+
+def test_passthrough_on_with_writeback_fails_the_mount(tmp_path: Path) -> None:
+    """passthrough=on where the kernel cannot do it (here: with the writeback cache) is an
+    error, not a silent fallback: the daemon logs why, unmounts and exits 1."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    mount = start_daemon(cli_argv("passthru", "-o", "session=native,passthrough=on,writeback",
+                                  str(src), str(mnt)), str(mnt))
+    try:
+        assert mount.wait_exit(15) == 1
+        assert "passthrough=on but kernel passthrough is unavailable" in mount.stderr_text()
+        assert not is_fuse_mounted(str(mnt))
     finally:
         mount.force_cleanup()
