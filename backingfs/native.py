@@ -43,6 +43,8 @@ from .pressure import PRESSURE
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODES = ("auto", "on", "off")
+#: Idle workers kept beyond the one reading: a burst then starts no new tasks.
+_SPARE_READERS = 4
 
 
 class NativeSession:
@@ -146,7 +148,7 @@ class NativeSession:
                 if not self._idle and self._workers < self._max_tasks:
                     self._spawn()
                 await self._dispatch(data)
-                if self._idle and self._workers > self._min_tasks:
+                if self._idle > _SPARE_READERS and self._workers > self._min_tasks:
                     return  # enough readers are waiting: shrink back
         finally:
             self._workers -= 1
