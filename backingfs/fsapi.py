@@ -198,6 +198,10 @@ class Filesystem:
     async def write(self, fh: int, off: int, data: bytes) -> int:
         raise _enosys()
 
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on an open file (``mode``: FALLOC_FL_* bits)."""
+        raise _enosys()
+
     async def flush(self, fh: int) -> None:
         pass
 

@@ -389,6 +389,13 @@ async def write(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
     s.reply(unique, abi.WRITE_OUT.pack(n, 0))
 
 
+@handler(abi.Op.FALLOCATE)
+async def fallocate(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, off, length, mode, _ = abi.FALLOCATE_IN.unpack_from(data, ARGS)
+    await s.fs.fallocate(fh, mode, off, length)
+    s.reply(unique)
+
+
 @handler(abi.Op.FLUSH)
 async def flush(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, _, _, _ = abi.FLUSH_IN.unpack_from(data, ARGS)

@@ -86,6 +86,15 @@ def utimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH), "utimensat")
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode bits (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...), which
+    ``os.posix_fallocate`` cannot pass."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
 def reopen(fd: int, flags: int, mode: int = 0) -> int:
     """Open the object behind an O_PATH ``fd`` with real access ``flags`` (never O_CREAT)."""
     return os.open(proc_path(fd), (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))

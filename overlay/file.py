@@ -30,6 +30,7 @@ from backingfs.flags import APPEND, from_open_flags
 from backingfs.fsapi import OpenReply
 from backingfs.handles import Handle
 from backingfs.request import Request
+from backingfs.syscalls import fallocate as fallocate_fd
 from backingfs.syscalls import proc_path, reopen
 
 from .copyup import copy_up
@@ -223,6 +224,25 @@ async def fsync(sb: Superblock, fh: int, datasync: bool) -> None:
         file.get()
         try:
             await trio.to_thread.run_sync(sb.sync.sync, file.fd, datasync)
+        finally:
+            file.put()
+    finally:
+        handle.io.end_io()
+
+
+async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -> None:
+    """Only on a handle open for write, which copy-up made an upper one."""
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        file = handle.current()
+        if not handle.is_upper:
+            raise OSError(errno.EBADF, "file not open for writing")
+        inode = handle.inode
+        file.get()
+        try:
+            async with inode.lock:
+                await trio.to_thread.run_sync(fallocate_fd, file.fd, mode, off, length)
+                inode.attrs.copyattr(os.fstat(file.fd))
         finally:
             file.put()
     finally:

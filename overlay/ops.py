@@ -138,6 +138,9 @@ class OverlayFs(Filesystem):
     async def release(self, fh: int) -> None:
         await ovl_file.release(self.sb, fh)
 
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        await ovl_file.fallocate(self.sb, fh, mode, off, length)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         await ovl_file.fsync(self.sb, fh, datasync)
 

@@ -221,5 +221,18 @@ async def fsync(fs: PassthruFs, fh: int, datasync: bool) -> None:
         handle.io.end_io()
 
 
+async def fallocate(fs: PassthruFs, fh: int, mode: int, off: int, length: int) -> None:
+    handle = fs.handles.begin_io(fh)
+    try:
+        if handle.file is None:
+            raise OSError(errno.EBADF, "no backing file")
+        inode = handle.inode
+        async with inode.lock:
+            await trio.to_thread.run_sync(syscalls.fallocate, handle.file.fd, mode, off, length)
+            inode.attrs.copyattr(os.fstat(handle.file.fd))
+    finally:
+        handle.io.end_io()
+
+
 async def release(fs: PassthruFs, fh: int) -> None:
     await fs.handles.release(fh)

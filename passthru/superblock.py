@@ -181,6 +181,9 @@ class PassthruFs(Filesystem):
     async def flush(self, fh: int) -> None:
         await file_ops.flush(self, fh)
 
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        await file_ops.fallocate(self, fh, mode, off, length)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         await file_ops.fsync(self, fh, datasync)
 

@@ -219,3 +219,32 @@ def test_large_sequential_write_read(fs: Path) -> None:
     (fs / "big").write_bytes(data)
     assert os.stat(fs / "big").st_size == len(data)
     assert (fs / "big").read_bytes() == data
+
+
+_NO_FALLOCATE = "pyfuse3 3.5 has no fallocate handler: the kernel answers EOPNOTSUPP"
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_NO_FALLOCATE)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_NO_FALLOCATE)
+def test_fallocate_modes(fs: Path) -> None:
+    """posix_fallocate grows the file; KEEP_SIZE allocates past EOF without growing it;
+    PUNCH_HOLE zeroes a range in place (the size stays)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    keep_size, punch_hole = 0x01, 0x02
+    path = fs / "falloc"
+    path.write_bytes(b"x" * 8192)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 65536)
+        assert os.fstat(fd).st_size == 65536
+        assert libc.fallocate(fd, keep_size, 65536, 65536) == 0, os.strerror(ctypes.get_errno())
+        assert os.stat(path).st_size == 65536
+        assert libc.fallocate(fd, punch_hole | keep_size, 0, 4096) == 0, \
+            os.strerror(ctypes.get_errno())
+        assert os.pread(fd, 8192, 0) == bytes(4096) + b"x" * 4096
+        assert os.stat(path).st_size == 65536
+    finally:
+        os.close(fd)
