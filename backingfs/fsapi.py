@@ -202,6 +202,11 @@ class Filesystem:
         """fallocate(2) on an open file (``mode``: FALLOC_FL_* bits)."""
         raise _enosys()
 
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE on an open file: the next data/hole offset at or after
+        ``off`` (the kernel resolves SEEK_SET/CUR/END itself)."""
+        raise _enosys()
+
     async def flush(self, fh: int) -> None:
         pass
 

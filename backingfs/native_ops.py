@@ -396,6 +396,12 @@ async def fallocate(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: 
     s.reply(unique)
 
 
+@handler(abi.Op.LSEEK)
+async def lseek(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    fh, off, whence, _ = abi.LSEEK_IN.unpack_from(data, ARGS)
+    s.reply(unique, abi.LSEEK_OUT.pack(await s.fs.lseek(fh, off, whence)))
+
+
 @handler(abi.Op.FLUSH)
 async def flush(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, _, _, _ = abi.FLUSH_IN.unpack_from(data, ARGS)

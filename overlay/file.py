@@ -249,5 +249,18 @@ async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -
         handle.io.end_io()
 
 
+async def lseek(sb: Superblock, fh: int, off: int, whence: int) -> int:
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        file = handle.current()
+        file.get()
+        try:
+            return os.lseek(file.fd, off, whence)  # the backing fd's offset is unused
+        finally:
+            file.put()
+    finally:
+        handle.io.end_io()
+
+
 async def release(sb: Superblock, fh: int) -> None:
     await sb.handles.release(fh)

@@ -141,6 +141,9 @@ class OverlayFs(Filesystem):
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await ovl_file.fallocate(self.sb, fh, mode, off, length)
 
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return await ovl_file.lseek(self.sb, fh, off, whence)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         await ovl_file.fsync(self.sb, fh, datasync)
 

@@ -234,5 +234,15 @@ async def fallocate(fs: PassthruFs, fh: int, mode: int, off: int, length: int) -
         handle.io.end_io()
 
 
+async def lseek(fs: PassthruFs, fh: int, off: int, whence: int) -> int:
+    handle = fs.handles.begin_io(fh)
+    try:
+        if handle.file is None:
+            raise OSError(errno.EBADF, "no backing file")
+        return os.lseek(handle.file.fd, off, whence)  # the backing fd's offset is unused
+    finally:
+        handle.io.end_io()
+
+
 async def release(fs: PassthruFs, fh: int) -> None:
     await fs.handles.release(fh)

@@ -184,6 +184,9 @@ class PassthruFs(Filesystem):
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await file_ops.fallocate(self, fh, mode, off, length)
 
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return await file_ops.lseek(self, fh, off, whence)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         await file_ops.fsync(self, fh, datasync)
 

@@ -248,3 +248,27 @@ def test_fallocate_modes(fs: Path) -> None:
         assert os.stat(path).st_size == 65536
     finally:
         os.close(fd)
+
+
+_NO_LSEEK = "pyfuse3 3.5 has no lseek handler: the kernel treats the whole file as data"
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_NO_LSEEK)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_NO_LSEEK)
+def test_seek_data_and_hole(fs: Path) -> None:
+    """SEEK_DATA/SEEK_HOLE find the extents of a sparse file (as cp --sparse and tar do)."""
+    path = fs / "sparse"
+    with open(path, "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"d" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 1 << 20
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, 1 << 20, os.SEEK_HOLE) == (1 << 20) + 4096
+        with raises_errno(errno.ENXIO):
+            os.lseek(fd, (1 << 20) + 4096, os.SEEK_DATA)
+    finally:
+        os.close(fd)
