@@ -396,3 +396,20 @@ def test_notifier_messages(sess: PipeSession) -> None:
     assert sorted(msgs[2:]) == sorted([
         (abi.NOTIFY_INVAL_ENTRY, abi.NOTIFY_INVAL_ENTRY_OUT.pack(1, 4, 0) + b"name\0"),
         (abi.NOTIFY_DELETE, abi.NOTIFY_DELETE_OUT.pack(1, 14, 4, 0) + b"gone\0")])
+
+
+def test_frontend_choice_takes_session_and_passthrough_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from backingfs.options import UsageError
+    from backingfs.runner import DEFAULT_SESSION, frontend_choice
+
+    monkeypatch.delenv("BACKINGFS_SESSION", raising=False)
+    choice, rest = frontend_choice(["ro", "session=pyfuse3", "passthrough=off", "fsname=x"])
+    assert choice == {"session": "pyfuse3", "passthrough": "off"}
+    assert rest == ["ro", "fsname=x"]
+    assert frontend_choice([])[0] == {"session": DEFAULT_SESSION, "passthrough": "auto"}
+    monkeypatch.setenv("BACKINGFS_SESSION", "pyfuse3")
+    assert frontend_choice([])[0]["session"] == "pyfuse3"
+    for bad in (["session=kernel"], ["passthrough=maybe"], ["session"]):
+        with pytest.raises(UsageError):
+            frontend_choice(bad)
