@@ -1,8 +1,9 @@
 """Merged readdir: upper first, first occurrence wins, whiteouts and opaque dirs respected.
 
-``opendir`` takes a snapshot (``backingfs.dirents.DirSnapshot``) of the directory's merged
-listing in a worker thread; offsets index that snapshot, so a handle's listing neither skips
-nor repeats entries while the directory changes, and seekdir/telldir work. A readdir at
+A handle's first readdir takes a snapshot (``backingfs.dirents.DirSnapshot``) of the
+directory's merged listing in a worker thread; offsets index that snapshot, so a handle's
+listing neither skips nor repeats entries while the directory changes, and seekdir/telldir
+work. A readdir at
 offset 0 after the handle already read (rewinddir) takes a fresh snapshot, as the kernel
 rebuilds a stale cache on a seek to 0 (reference §B.9).
 
@@ -41,8 +42,11 @@ DT_REG = stat.S_IFREG >> 12
 
 
 class DirHandle(Handle):
-    def __init__(self, inode: OvlInode, snapshot: DirSnapshot[int]) -> None:
+    def __init__(self, inode: OvlInode, snapshot: DirSnapshot[int] | None = None) -> None:
         super().__init__(inode, None)
+        #: Taken at the first READDIR, not at opendir: with the kernel's directory cache
+        #: (fsapi.Filesystem.cache_dirs) most opens never read, and a snapshot of a big
+        #: merged directory costs a scan of every layer.
         self.snapshot = snapshot
         self.has_read = False
 
@@ -90,7 +94,7 @@ async def snapshot(sb: Superblock, inode: OvlInode) -> DirSnapshot[int]:
 async def opendir(sb: Superblock, inode: OvlInode) -> int:
     if not inode.is_dir:
         raise OSError(errno.ENOTDIR, "not a directory")
-    return sb.handles.add(DirHandle(inode, await snapshot(sb, inode)))
+    return sb.handles.add(DirHandle(inode))
 
 
 async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> None:
@@ -99,8 +103,9 @@ async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> Non
     handle: DirHandle = sb.handles.get(fh)
     inode = handle.inode
     assert isinstance(inode, OvlInode)
-    if off == 0 and handle.has_read:
-        handle.snapshot = await snapshot(sb, inode)
+    snap = handle.snapshot
+    if snap is None or (off == 0 and handle.has_read):
+        snap = handle.snapshot = await snapshot(sb, inode)
     handle.has_read = True
 
     def dot_entry(name: bytes) -> Entry:
@@ -128,7 +133,7 @@ async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> Non
     def shifted(entry: DirEntry) -> bool:
         return reply(DirEntry(entry.name, entry.entry, entry.next_off + DOT_ENTRIES))
 
-    await fill(handle.snapshot, start, make, shifted)
+    await fill(snap, start, make, shifted)
 
 
 async def releasedir(sb: Superblock, fh: int) -> None:
