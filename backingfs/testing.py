@@ -59,8 +59,10 @@ def _unescape_mountinfo(s: str) -> str:
 
 def mount_fstype(mountpoint: str) -> str | None:
     """The fstype of the topmost mount on ``mountpoint`` (from /proc/self/mountinfo), or
-    None. Reads no file under the mountpoint, so a hung daemon cannot hang the caller."""
-    path = os.path.realpath(mountpoint)
+    None. Touches neither the mountpoint nor anything under it, so a hung daemon cannot
+    hang the caller: only the parent is resolved (realpath would lstat the mountpoint)."""
+    head, tail = os.path.split(os.path.abspath(mountpoint))
+    path = os.path.join(os.path.realpath(head), tail)
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:

@@ -86,7 +86,13 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
         upper, st = await trio.to_thread.run_sync(
             _copy_up_sync, sb, parent.upper, inode.name, inode.lowers[0].fd,
             inode.lowers[0].layer.index, origin, size)
-        inode.upper = upper
+        if inode.upper is None:
+            inode.upper = upper
+        else:
+            # A lookup adopted the new upper while our thread returned (namei.adopt sets
+            # ``upper`` on the loop once the rename made it visible): the same object.
+            # Keep the fd others may already use; ours was seen by no one.
+            os.close(upper)
         inode.upper_xwhiteouts = False
         inode.attrs.invalidate()
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and inode is not sb.inodes.root:
