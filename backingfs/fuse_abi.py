@@ -200,7 +200,7 @@ GETXATTR_OUT = struct.Struct("=II")
 ACCESS_IN = struct.Struct("=II")
 INTERRUPT_IN = struct.Struct("=Q")
 KSTATFS = struct.Struct("=QQQQQIIII24x")          # 80 bytes
-LSEEK_IN = struct.Struct("=QQII")
+LSEEK_IN = struct.Struct("=QqII")              # fh offset(signed) whence padding
 LSEEK_OUT = struct.Struct("=Q")
 FALLOCATE_IN = struct.Struct("=QQQII")
 DIRENT_HEAD = struct.Struct("=QQII")             # ino off namelen type

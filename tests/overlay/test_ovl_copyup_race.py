@@ -1,0 +1,70 @@
+"""Copy-up racing a lookup of the same name: the inode ends with one upper fd, not two.
+
+The copy-up thread renames the new upper object into place, and until the trio task
+resumes, a lookup on the loop can already find it and adopt it (namei.adopt fills in the
+missing ``upper``). Found by tools/soak.py as one O_PATH fd to a deleted ``work/#tmp``
+object left in the daemon after a million operations; here the interleaving is forced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from overlay import copyup, namei
+from overlay.params import OvlParams
+from overlay.superblock import Superblock
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["lower"] / "f").write_bytes(b"lower data")
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    renamed, resume = threading.Event(), threading.Event()
+    real = copyup._copy_up_sync
+
+    def copy_then_wait(*args: Any) -> Any:
+        result = real(*args)   # the upper object is in place from here on
+        renamed.set()
+        resume.wait(10)
+        return result
+
+    monkeypatch.setattr(copyup, "_copy_up_sync", copy_then_wait)
+    before = open_fds()
+
+    async def race() -> None:
+        root = sb.inodes.root
+        inode = namei.adopt(sb, root, b"f", namei.resolve(sb, root, b"f"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copyup.copy_up, sb, inode)
+            await trio.to_thread.run_sync(renamed.wait)
+            again = namei.adopt(sb, root, b"f", namei.resolve(sb, root, b"f"))
+            assert again is inode and inode.upper is not None   # adopted by the lookup
+            sb.inodes.forget(inode.ino, 1)
+            resume.set()
+        assert inode.upper is not None
+        assert os.path.samestat(os.fstat(inode.upper), os.lstat(dirs["upper"] / "f"))
+        sb.inodes.forget(inode.ino, 1)   # the kernel forgets: evicted, its fds closed
+
+    try:
+        trio.run(race)
+        assert open_fds() == before
+        assert (dirs["upper"] / "f").read_bytes() == b"lower data"
+    finally:
+        sb.inodes.forget_all()
