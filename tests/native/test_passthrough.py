@@ -20,9 +20,9 @@ import os
 import pwd
 import shutil
 import site
+import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -328,11 +328,27 @@ def test_unprivileged_mount_falls_back_to_userspace_io(tmp_path: Path,
     CAP_SYS_ADMIN), logged once, and files behave the same through the daemon."""
     nobody = _nobody()
     assert nobody is not None
-    tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:  # pytest's tmp dirs are 0700
-        if parent == Path(tempfile.gettempdir()):
-            break
-        parent.chmod(parent.stat().st_mode | 0o055)
+    opened = _open_path_to(tmp_path)
+    try:
+        _unprivileged_mount_check(tmp_path, nobody)
+    finally:
+        for path, mode in opened:
+            path.chmod(mode)
+
+
+def _open_path_to(path: Path) -> list[tuple[Path, int]]:
+    """Let other users traverse to ``path`` (pytest makes its base dir 0700); returns the
+    modes to restore."""
+    changed = []
+    for p in (path, *path.parents):
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o055 != 0o055:
+            changed.append((p, mode))
+            p.chmod(mode | 0o055)
+    return changed
+
+
+def _unprivileged_mount_check(tmp_path: Path, nobody: pwd.struct_passwd) -> None:
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     for p in (src, mnt):
         p.mkdir()
