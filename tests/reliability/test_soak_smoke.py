@@ -37,14 +37,16 @@ def test_short_soak_is_clean(target: str, tmp_path: Path) -> None:
     if why:
         pytest.skip(why)
     r = run_soak(tmp_path, "--target", target, "--ops", "3000", "--drop-every", "1000",
-                 "--progress", "1", "--settle", "15")
+                 "--progress", "0.05", "--settle", "15")
     assert r.returncode == 0, r.stderr
     result = re.search(r"RESULT target \S+: (\d+) ops .* fds base (\d+) peak (\d+) end (\d+); "
                        r"rss start \S+ warm (\S+) peak \S+ end (\S+) MiB", r.stderr)
     assert result, r.stderr
     ops, base, peak, end = (int(result.group(i)) for i in range(1, 5))
     assert ops == 3000
-    assert end <= base < peak   # inodes were cached during the run, and all given back
+    # All given back. (Whether a progress sample caught the cached inodes above the base
+    # depends on timing: a fast run may finish between two samples.)
+    assert end <= base <= peak
     assert float(result.group(6)) <= float(result.group(5)) * 1.2
     assert "after the final drop_caches: inodes 1," in r.stderr
     assert " ops/s  fds " in r.stderr   # progress lines
