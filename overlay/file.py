@@ -250,10 +250,6 @@ async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -
 
 
 async def lseek(sb: Superblock, fh: int, off: int, whence: int) -> int:
-    if off >= 1 << 63:
-        # A negative offset (SEEK_DATA/SEEK_HOLE reach us with it unchecked) on the wire
-        # as u64: nothing lies there, as a native file answers (os.lseek would overflow).
-        raise OSError(errno.ENXIO, "offset out of range")
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:
         file = handle.current()
