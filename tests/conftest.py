@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import hangguard
 import pytest
 
 from backingfs.testing import TARGETS, Target, TargetMount, mount_fstype
@@ -42,6 +43,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "differs(target, reason): this target legitimately differs (strict xfail)")
     selected_targets(config)  # a bad --targets is a usage error before collection
+    # A hung FUSE call outlives pytest-timeout's alarm: see tests/hangguard.py.
+    if not config.pluginmanager.has_plugin("hangguard"):
+        config.pluginmanager.register(hangguard, "hangguard")
 
 
 def selected_targets(config: pytest.Config) -> list[Target]:

@@ -1,0 +1,139 @@
+"""The last line of defence against a test run that never ends.
+
+pytest-timeout raises in the test's thread with SIGALRM. That is not enough on FUSE: a
+syscall waiting for a daemon that is stopped or deadlocked is interrupted (the kernel sends
+FUSE_INTERRUPT) and then waits again, killable only by SIGKILL, so the alarm's exception
+never arrives and the run hangs until CI's wall clock ends it, with nothing printed that says
+which test it was (CI runs ``pytest -q``).
+
+So every test item (setup, call and teardown) runs under a watchdog thread that fires
+``GRACE`` seconds after the item's own pytest-timeout:
+
+1. it names the test and dumps every thread's stack on stderr;
+2. it aborts every FUSE connection that did not exist when the run started (through the
+   fusectl filesystem, mounted if needed): each waiting request fails with ENOTCONN, the
+   daemon's next read of /dev/fuse fails with ENODEV and it exits, so the test's thread
+   wakes, pytest-timeout's exception (or the test's own error) fails the test, and the
+   fixtures clean up as usual (the guard unmounts the aborted mounts lazily itself, in case
+   the timeout's exception cut a cleanup short);
+3. if the item is still not done ``GRACE`` seconds later, it exits the whole run with
+   status 3: a red run that says why beats a run that never ends.
+
+A pytest plugin: tests/conftest.py registers it; ``-p hangguard`` loads it elsewhere.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+#: Seconds past the item's timeout before the abort, and again before the exit.
+GRACE = float(os.environ.get("HANGGUARD_GRACE", "30"))
+FUSECTL = "/sys/fs/fuse/connections"
+
+_known_at_start: set[str] = set()
+
+
+def fuse_connections() -> dict[str, str]:
+    """``{connection id: mountpoint}`` of the FUSE mounts visible to this process (the
+    id is the minor of the mount's anonymous device, the name fusectl gives it)."""
+    found: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields = pre.split()
+            fstype = post.split()[0] if post else ""
+            if len(fields) > 4 and fstype.startswith("fuse") and fstype != "fusectl":
+                major, _, minor = fields[2].partition(":")
+                if major == "0":
+                    found[minor] = fields[4]
+    return found
+
+
+def remember_existing() -> None:
+    _known_at_start.update(fuse_connections())
+
+
+def abort_new_connections() -> list[str]:
+    """Abort the FUSE connections made since the run started; the mountpoints aborted."""
+    if not os.path.isdir(os.path.join(FUSECTL, ".")) or not os.listdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL],
+                       capture_output=True, timeout=10)
+    aborted = []
+    for conn, mountpoint in fuse_connections().items():
+        if conn in _known_at_start:
+            continue
+        try:
+            with open(os.path.join(FUSECTL, conn, "abort"), "w") as f:
+                f.write("1")
+            aborted.append(mountpoint)
+        except OSError as e:
+            print(f"hangguard: cannot abort connection {conn} ({mountpoint}): {e}",
+                  file=sys.stderr, flush=True)
+    return aborted
+
+
+def item_timeout(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("timeout")
+    if mark is not None and mark.args:
+        return float(mark.args[0])
+    if mark is not None and "timeout" in mark.kwargs:
+        return float(mark.kwargs["timeout"])
+    value = item.config.getini("timeout")
+    return float(value) if value else 120.0
+
+
+class Watchdog:
+    def __init__(self, nodeid: str, timeout: float) -> None:
+        self.nodeid = nodeid
+        self.timeout = timeout
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hangguard", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        if self.done.wait(self.timeout + GRACE):
+            return
+        print(f"\nhangguard: {self.nodeid} still running {self.timeout + GRACE:.0f}s after "
+              f"it started (its timeout is {self.timeout:.0f}s); stacks:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        try:
+            aborted = abort_new_connections()
+        except Exception as e:  # the watchdog itself must never die quietly
+            aborted = [f"(failed: {e!r})"]
+        print(f"hangguard: aborted FUSE connections of {aborted}", file=sys.stderr,
+              flush=True)
+        for mountpoint in aborted:
+            # A dead connection's mount stays until unmounted; a fixture that the timeout's
+            # exception skipped would leave it behind.
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=10)
+        if self.done.wait(GRACE):
+            return
+        print(f"hangguard: {self.nodeid} still stuck after the abort; ending the run",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    remember_existing()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    with Watchdog(item.nodeid, item_timeout(item)):
+        yield
