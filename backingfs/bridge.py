@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -43,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 import pyfuse3
 import trio
 
-from . import fsapi
+from . import fsapi, privs
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest, Statfs
 from .pressure import PRESSURE, find_device_fd
 
@@ -277,7 +278,18 @@ class Bridge(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return file_info(await self.fs.open(inode, flags, caller_of(ctx)))
+        caller = caller_of(ctx)
+        reply = await self.fs.open(inode, flags, caller)
+        if flags & os.O_TRUNC and not privs.caller_has_fsetid(caller.pid):
+            # The kernel leaves an atomic O_TRUNC's set-id stripping to us (fuse_setattr
+            # returns early for ATTR_OPEN) and libfuse 3.14 passes no OPEN_KILL_SUIDGID.
+            try:
+                await self.fs.kill_suidgid(reply.fh, caller)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.fs.release(reply.fh)
+                raise
+        return file_info(reply)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

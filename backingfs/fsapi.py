@@ -94,6 +94,9 @@ class SetattrRequest:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    #: Also clear the set-id bits this caller's write or truncate clears (it lacks
+    #: CAP_FSETID and the kernel leaves the stripping to us: HANDLE_KILLPRIV_V2).
+    kill_suidgid: Caller | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,13 @@ class Filesystem:
         raise _enosys()
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
+        raise _enosys()
+
+    async def kill_suidgid(self, fh: int, caller: Caller) -> None:
+        """Clear the set-id bits ``caller``'s write clears (``privs.kill_mask``) of the file
+        open as ``fh``: the kernel asks for it before a write or at an O_TRUNC open by a
+        caller without CAP_FSETID once FUSE_HANDLE_KILLPRIV_V2 is negotiated (native
+        session)."""
         raise _enosys()
 
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:

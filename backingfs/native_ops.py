@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import fuse_abi as abi
+from . import privs
 from .attrs import Attr
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest
 
@@ -50,7 +52,12 @@ MAX_BACKGROUND = 64
 #: READDIRPLUS (fsapi readdir entries carry their attributes and a lookup reference).
 WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
           | abi.DO_READDIRPLUS | abi.ASYNC_DIO | abi.PARALLEL_DIROPS | abi.MAX_PAGES
-          | abi.CACHE_SYMLINKS | abi.INIT_EXT | abi.HAS_EXPIRE_ONLY)
+          | abi.CACHE_SYMLINKS | abi.INIT_EXT | abi.HAS_EXPIRE_ONLY
+          # The kernel then stops asking GETXATTR security.capability before every
+          # write(2) (it marks the superblock SB_NOSEC) and leaves set-id stripping to us:
+          # WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID below; passthrough
+          # writes are covered by the backing ids' credentials (passthrough.backing_open).
+          | abi.HANDLE_KILLPRIV_V2)
 
 Ids = tuple[int, int, int]
 Handler = Callable[["NativeSession", int, int, Ids, bytes], Awaitable[None]]
@@ -243,10 +250,22 @@ async def setattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
         mtime_ns=(now if valid & abi.FATTR_MTIME_NOW else _signed(mtime) * _NS + mtimensec)
         if valid & abi.FATTR_MTIME else None,
         ctime_ns=_signed(ctime) * _NS + ctimensec if valid & abi.FATTR_CTIME else None,
+        kill_suidgid=_caller(ids) if valid & abi.FATTR_KILL_SUIDGID or (
+            not valid & _CHANGES and s.flags & abi.HANDLE_KILLPRIV_V2
+            and not privs.caller_has_fsetid(ids[2])) else None,
     )
     entry = await s.fs.setattr(nodeid, changes, fh if valid & abi.FATTR_FH else None,
                                _caller(ids))
     s.reply(unique, attr_out(entry))
+
+
+#: SETATTR valid bits that change something. One with none of them is, under
+#: HANDLE_KILLPRIV_V2, the kernel's file_remove_privs for a write it serves itself (kernel
+#: passthrough): it strips the kill bits before sending and leaves the request empty. A
+#: caller without CAP_FSETID must then lose S_ISUID/S_ISGID, which the backing write, made
+#: with the daemon's credentials, would keep (the battery's passthrough targets check it).
+_CHANGES = (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_SIZE | abi.FATTR_ATIME
+            | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW | abi.FATTR_CTIME)
 
 
 def _signed(v: int) -> int:
@@ -356,8 +375,14 @@ async def _undo_open(s: NativeSession, fh: int) -> None:
 
 @handler(abi.Op.OPEN)
 async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
-    flags, _ = abi.OPEN_IN.unpack_from(data, ARGS)
+    flags, kill = abi.OPEN_IN.unpack_from(data, ARGS)
     reply = await s.fs.open(nodeid, flags, _caller(ids))
+    if kill & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
+        try:
+            await s.fs.kill_suidgid(reply.fh, _caller(ids))
+        except BaseException:
+            await _undo_open(s, reply.fh)
+            raise
     open_flags, backing_id = _open_flags(s, nodeid, reply)
     if not s.reply(unique, abi.OPEN_OUT.pack(reply.fh, open_flags, backing_id)):
         await _undo_open(s, reply.fh)
@@ -383,7 +408,9 @@ async def read(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
 
 @handler(abi.Op.WRITE)
 async def write(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
-    fh, off, size, _, _, _, _ = abi.WRITE_IN.unpack_from(data, ARGS)
+    fh, off, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(data, ARGS)
+    if write_flags & abi.WRITE_KILL_SUIDGID:
+        await s.fs.kill_suidgid(fh, _caller(ids))
     start = ARGS + abi.WRITE_IN.size
     n = await s.fs.write(fh, off, data[start:start + size])
     s.reply(unique, abi.WRITE_OUT.pack(n, 0))

@@ -33,6 +33,7 @@ import os
 import stat
 
 from backingfs import xattrs
+from backingfs.creds import caller_groups
 
 #: Name of the file-capabilities xattr (VFS_CAP_* format).
 CAPABILITY_XATTR = b"security.capability"
@@ -102,6 +103,33 @@ def strip_privs(
         if e.errno not in _NO_CAPABILITY:
             raise
     return mode
+
+
+def kill_mask(st: os.stat_result, gid: int, pid: int) -> int:
+    """The set-id bits of ``st`` a write or truncate by a caller without CAP_FSETID clears,
+    the caller's primary group being ``gid`` and its process ``pid`` (read for the
+    supplementary groups only when the answer depends on them: S_ISGID without S_IXGRP)."""
+    mode = st.st_mode
+    if not mode & (stat.S_ISUID | stat.S_ISGID):
+        return 0
+    in_group = True
+    if mode & stat.S_ISGID and not mode & stat.S_IXGRP:
+        in_group = st.st_gid == gid or st.st_gid in caller_groups(pid)
+    return needs_kill_privs(mode, 0, st.st_uid, False, caller_in_group=in_group)
+
+
+def kill_suidgid(fd: int, gid: int, pid: int) -> os.stat_result | None:
+    """Clear what a write by a caller without CAP_FSETID clears (``kill_mask``) on the
+    regular file behind ``fd``: the daemon's part of FUSE_HANDLE_KILLPRIV_V2, where the
+    kernel leaves it to us. Returns the new stat when a bit was cleared, else None (nothing
+    to do costs one fstat). security.capability is not touched: the backing filesystem
+    removes it itself when the write or truncate that follows reaches it."""
+    st = os.fstat(fd)
+    kill = kill_mask(st, gid, pid)
+    if not kill:
+        return None
+    _fchmod(fd, stat.S_IMODE(st.st_mode & ~kill))
+    return os.fstat(fd)
 
 
 def caller_has_fsetid(pid: int) -> bool:

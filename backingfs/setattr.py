@@ -5,7 +5,8 @@ by its O_PATH fd, and supplies its own truncate (through an open handle when the
 names one, else a reopen; in a worker or not).
 
 Order: chown first (it clears set-id bits, so a mode set in the same request must come
-after it), then chmod, then the size, then the times (a truncate updates mtime, so times
+after it), then chmod (or the set-id bits a truncate by an unprivileged caller clears),
+then the size, then the times (a truncate updates mtime, so times
 set in the same request must come after it). ctime cannot be set and is ignored.
 """
 
@@ -17,6 +18,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from .fsapi import SetattrRequest
+from .privs import kill_mask
 from .syscalls import proc_path, utimens
 
 Truncate = Callable[[int], Awaitable[None]]
@@ -35,6 +37,12 @@ async def setattr_backing(fd: int, fmt: int, changes: SetattrRequest,
         if fmt == stat.S_IFLNK:
             raise OSError(errno.EOPNOTSUPP, "cannot chmod a symlink")
         os.chmod(path, stat.S_IMODE(changes.mode))
+    elif changes.kill_suidgid is not None and fmt == stat.S_IFREG:
+        # Before the truncate, as the kernel's notify_change orders ATTR_KILL_S*ID.
+        st = os.stat(path)
+        kill = kill_mask(st, changes.kill_suidgid.gid, changes.kill_suidgid.pid)
+        if kill:
+            os.chmod(path, stat.S_IMODE(st.st_mode & ~kill))
     if changes.size is not None:
         if fmt != stat.S_IFREG:
             raise OSError(errno.EISDIR if fmt == stat.S_IFDIR else errno.EINVAL, "truncate")

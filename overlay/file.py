@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from backingfs import rw
+from backingfs import privs, rw
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
 from backingfs.flags import APPEND, from_open_flags
-from backingfs.fsapi import OpenReply
+from backingfs.fsapi import Caller, OpenReply
 from backingfs.handles import Handle
 from backingfs.request import Request
 from backingfs.syscalls import fallocate as fallocate_fd
@@ -197,6 +197,18 @@ async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:
                 raise OSError(errno.EBADF, "file not open for writing")
             req = Request(handle, off, handle.iocb)
             return await rw.write(file, data, req, _ctx(sb))
+    finally:
+        handle.io.end_io()
+
+
+async def kill_suidgid(sb: Superblock, fh: int, caller: Caller) -> None:
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        async with handle.inode.lock:
+            if handle.is_upper:  # a lower file is never written: the write will fail
+                st = privs.kill_suidgid(handle.current().fd, caller.gid, caller.pid)
+                if st is not None:
+                    handle.inode.attrs.copyattr(st)
     finally:
         handle.io.end_io()
 

@@ -35,6 +35,7 @@ never listed, read, written or copied up through the mount.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -335,8 +336,7 @@ class Ownership:
                        mode if self.write_name is not None else None, current)
         rest = _replace_ids(changes, None, None)
         if self.write_name is not None:
-            rest = SetattrRequest(None, None, None, rest.size, rest.atime_ns, rest.mtime_ns,
-                                  rest.ctime_ns)
+            rest = dataclasses.replace(rest, mode=None)
         return rest
 
     # --- xattrs ------------------------------------------------------------------------
@@ -375,6 +375,5 @@ class Ownership:
 
 
 def _replace_ids(changes: SetattrRequest, uid: int | None, gid: int | None) -> SetattrRequest:
-    return SetattrRequest(changes.mode, uid, gid, changes.size, changes.atime_ns,
-                          changes.mtime_ns, changes.ctime_ns)
+    return dataclasses.replace(changes, uid=uid, gid=gid)
 

@@ -132,6 +132,9 @@ class OverlayFs(Filesystem):
     async def write(self, fh: int, off: int, data: bytes) -> int:
         return await ovl_file.write(self.sb, fh, off, data)
 
+    async def kill_suidgid(self, fh: int, caller: Caller) -> None:
+        await ovl_file.kill_suidgid(self.sb, fh, caller)
+
     async def flush(self, fh: int) -> None:
         await ovl_file.flush(self.sb, fh)
 

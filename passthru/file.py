@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from backingfs import rw, syscalls
+from backingfs import privs, rw, syscalls
 from backingfs.backing_file import BackingFile
 from backingfs.flags import APPEND, IocbFlags, from_open_flags
 from backingfs.fsapi import Caller, Entry, OpenReply
@@ -182,6 +182,18 @@ async def write(fs: PassthruFs, fh: int, off: int, data: bytes) -> int:
                                       workers=fs.workers)
         return await rw.write(handle.file, data, req, fs.ctx, io=handle.io,
                               workers=fs.workers)
+    finally:
+        handle.io.end_io()
+
+
+async def kill_suidgid(fs: PassthruFs, fh: int, caller: Caller) -> None:
+    handle: FileHandle = fs.handles.begin_io(fh)
+    try:
+        assert handle.file is not None
+        async with handle.inode.lock:
+            st = privs.kill_suidgid(handle.file.fd, caller.gid, caller.pid)
+            if st is not None:
+                handle.inode.attrs.copyattr(st)
     finally:
         handle.io.end_io()
 

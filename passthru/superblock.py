@@ -178,6 +178,9 @@ class PassthruFs(Filesystem):
     async def write(self, fh: int, off: int, data: bytes) -> int:
         return await file_ops.write(self, fh, off, data)
 
+    async def kill_suidgid(self, fh: int, caller: Caller) -> None:
+        await file_ops.kill_suidgid(self, fh, caller)
+
     async def flush(self, fh: int) -> None:
         await file_ops.flush(self, fh)
 

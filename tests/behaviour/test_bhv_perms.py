@@ -173,3 +173,74 @@ attempt("write", write, {str(fs / "suid")!r}, b"X")
     # set-group-ID with group-execute is cleared too, for a caller outside the group.
     assert stat.S_IMODE(os.stat(fs / "suid").st_mode) == 0o777
     assert (fs / "suid").read_bytes() == b"X!/bin/sh\n"
+
+
+def test_truncate_and_o_trunc_by_non_owner_clear_setuid(fs: Path) -> None:
+    for name in ("trunc", "otrunc"):
+        (fs / name).write_bytes(b"#!/bin/sh\n")
+        os.chmod(fs / name, 0o6777)
+    out = as_nobody(f"""
+d = {str(fs)!r}
+attempt("truncate", os.truncate, d + "/trunc", 2)
+attempt("o_trunc", write, d + "/otrunc", b"", os.O_WRONLY | os.O_TRUNC)
+""")
+    assert out == {"truncate": "ok", "o_trunc": "ok"}
+    assert stat.S_IMODE(os.stat(fs / "trunc").st_mode) == 0o777
+    assert os.stat(fs / "trunc").st_size == 2
+    assert stat.S_IMODE(os.stat(fs / "otrunc").st_mode) == 0o777
+    assert os.stat(fs / "otrunc").st_size == 0
+
+
+def test_every_write_by_non_owner_clears_setuid_set_again(fs: Path) -> None:
+    # The kernel skips the privilege check of a file it has seen without set-id bits
+    # (S_NOSEC); a chmod between two writes must bring the check back.
+    (fs / "f").write_bytes(b"0123456789")
+    os.chmod(fs / "f", 0o777)
+    code = f"""
+fd = os.open({str(fs / "f")!r}, os.O_WRONLY)
+os.write(fd, b"a")
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+os.write(fd, b"b")
+os.close(fd)
+"""
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            sys.executable, "-I", "-c", _PRELUDE + code]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          cwd="/") as child:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == b"{}"
+        os.chmod(fs / "f", 0o4777)
+        child.stdin.write(b"\n")
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0
+    assert stat.S_IMODE(os.stat(fs / "f").st_mode) == 0o777
+    assert (fs / "f").read_bytes() == b"ab23456789"
+
+
+def test_root_write_keeps_setuid(fs: Path) -> None:
+    (fs / "f").write_bytes(b"0123456789")
+    os.chmod(fs / "f", 0o6755)
+    with open(fs / "f", "r+b") as f:
+        f.write(b"X")
+    os.truncate(fs / "f", 5)
+    with open(fs / "f", "r+b") as f:
+        f.truncate(0)
+    assert stat.S_IMODE(os.stat(fs / "f").st_mode) == 0o6755
+
+
+_FUSE_SGID_RULE = ("without HANDLE_KILLPRIV_V2 (libfuse 3.14 cannot ask for it) the FUSE kernel "
+                   "module clears S_ISGID only together with S_IXGRP (fuse_setattr), not "
+                   "the v6.2 rule for a writer outside the file's group")
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_FUSE_SGID_RULE)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_FUSE_SGID_RULE)
+def test_write_by_non_member_clears_setgid_without_group_exec(fs: Path) -> None:
+    (fs / "f").write_bytes(b"data")
+    os.chmod(fs / "f", 0o2767)
+    out = as_nobody(f"""
+attempt("write", write, {str(fs / "f")!r}, b"X")
+""")
+    assert out == {"write": "ok"}
+    assert stat.S_IMODE(os.stat(fs / "f").st_mode) == 0o767

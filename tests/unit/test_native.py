@@ -15,9 +15,17 @@ import pytest
 import trio
 
 from backingfs import fuse_abi as abi
-from backingfs import native_ops
+from backingfs import native_ops, privs
 from backingfs.attrs import Attr
-from backingfs.fsapi import Caller, DirEntry, Entry, Filesystem, OpenReply, ReaddirReply
+from backingfs.fsapi import (
+    Caller,
+    DirEntry,
+    Entry,
+    Filesystem,
+    OpenReply,
+    ReaddirReply,
+    SetattrRequest,
+)
 from backingfs.fusemount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, mount_spec
 from backingfs.native import NativeSession
 from backingfs.passthrough import BackingIds
@@ -209,6 +217,14 @@ class FakeFs(Filesystem):
         self.calls.append(("write", fh, off, data))
         return len(data)
 
+    async def kill_suidgid(self, fh: int, caller: Caller) -> None:
+        self.calls.append(("kill_suidgid", fh, caller))
+
+    async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
+                      caller: Caller) -> Entry:
+        self.calls.append(("setattr", ino, changes))
+        return Entry(FILE)
+
     async def readdir(self, fh: int, off: int, reply: ReaddirReply) -> None:
         entries = [DirEntry(b".", Entry(ROOT), 1), DirEntry(b"..", Entry(ROOT), 2)]
         entries += [DirEntry(b"n%03d" % i, Entry(FILE), 3 + i) for i in range(100)]
@@ -253,8 +269,8 @@ class PipeSession(NativeSession):
         return error, unique, body
 
 
-def request(op: int, nodeid: int, args: bytes, unique: int = 5) -> bytes:
-    return abi.IN_HEADER.pack(40 + len(args), op, unique, nodeid, 1000, 100, 42, 0, 0) + args
+def request(op: int, nodeid: int, args: bytes, unique: int = 5, pid: int = 42) -> bytes:
+    return abi.IN_HEADER.pack(40 + len(args), op, unique, nodeid, 1000, 100, pid, 0, 0) + args
 
 
 @pytest.fixture
@@ -314,6 +330,48 @@ def test_write_passes_exactly_the_payload(sess: PipeSession) -> None:
     error, _, body = sess.take()
     assert error == 0 and abi.WRITE_OUT.unpack(body)[0] == 6
     assert sess.fs.calls[-1] == ("write", 10, 4096, data)
+
+
+def test_write_kill_suidgid_strips_before_writing(sess: PipeSession) -> None:
+    trio.run(sess._dispatch, request(
+        abi.Op.WRITE, 2, abi.WRITE_IN.pack(10, 0, 1, abi.WRITE_KILL_SUIDGID, 0, 0, 0) + b"x"))
+    assert sess.take()[0] == 0
+    assert sess.fs.calls[-2:] == [("kill_suidgid", 10, Caller(1000, 100, 42, 0)),
+                                  ("write", 10, 0, b"x")]
+
+
+def test_open_kill_suidgid_only_with_o_trunc(sess: PipeSession) -> None:
+    for unique, flags in ((5, os.O_WRONLY), (6, os.O_WRONLY | os.O_TRUNC)):
+        trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(
+            flags, abi.OPEN_KILL_SUIDGID), unique=unique))
+        assert sess.take()[:2] == (0, unique)
+    assert sess.fs.calls == [("kill_suidgid", 10, Caller(1000, 100, 42, 0))]
+
+
+def _setattr(valid: int, size: int = 0) -> bytes:
+    return abi.SETATTR_IN.pack(valid, 0, 0, size, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_setattr_kill_suidgid(sess: PipeSession) -> None:
+    sess.flags = abi.HANDLE_KILLPRIV_V2
+    caller = Caller(1000, 100, 42, 0)
+    trio.run(sess._dispatch, request(abi.Op.SETATTR, 2, _setattr(
+        abi.FATTR_SIZE | abi.FATTR_KILL_SUIDGID, 3)))
+    assert sess.fs.calls[-1] == ("setattr", 2, SetattrRequest(size=3, kill_suidgid=caller))
+    # Empty: file_remove_privs of a passthrough write; the caller's CapEff decides. A pid
+    # that cannot exist counts as unprivileged; our own (root) keeps the bits.
+    nobody = 2**31 - 1
+    trio.run(sess._dispatch, request(abi.Op.SETATTR, 2, _setattr(abi.FATTR_FH), pid=nobody))
+    assert sess.fs.calls[-1] == ("setattr", 2, SetattrRequest(
+        kill_suidgid=Caller(1000, 100, nobody, 0)))
+    if privs.caller_has_fsetid(os.getpid()):
+        trio.run(sess._dispatch, request(abi.Op.SETATTR, 2, _setattr(0), pid=os.getpid()))
+        assert sess.fs.calls[-1] == ("setattr", 2, SetattrRequest())
+    trio.run(sess._dispatch, request(abi.Op.SETATTR, 2, _setattr(abi.FATTR_SIZE, 3)))
+    assert sess.fs.calls[-1] == ("setattr", 2, SetattrRequest(size=3))
+    sess.flags = 0
+    trio.run(sess._dispatch, request(abi.Op.SETATTR, 2, _setattr(0)))
+    assert sess.fs.calls[-1] == ("setattr", 2, SetattrRequest())
 
 
 def test_readdirplus_fills_to_size_and_settles_references(sess: PipeSession) -> None:

@@ -202,3 +202,21 @@ def test_fsetid_dropped_from_bounding_set() -> None:
         pytest.skip("we lack CAP_FSETID ourselves")
     assert _fsetid_of_child([]) is True
     assert _fsetid_of_child(["setpriv", "--bounding-set=-fsetid"]) is False
+
+
+def test_kill_suidgid_clears_what_an_unprivileged_write_clears(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for mode, gid, want in ((0o6777, 65534, 0o777), (0o644, 65534, None),
+                                (0o2767, os.getgid(), None), (0o2767, 65534, 0o767),
+                                (0o2777, os.getgid(), 0o777), (0o4700, os.getgid(), 0o700)):
+            os.chmod(path, mode)
+            # pid 0 has no /proc entry: no supplementary groups.
+            st = privs.kill_suidgid(fd, gid, 0)
+            got = None if st is None else stat.S_IMODE(st.st_mode)
+            assert got == want, oct(mode)
+            assert stat.S_IMODE(os.stat(path).st_mode) == (mode if want is None else want)
+    finally:
+        os.close(fd)
