@@ -19,8 +19,13 @@ Shape (``NativeSession``, the same four calls as ``bridge.Pyfuse3Session``):
 - Errors: ``native_ops`` handlers raise OSError -> ``-errno``; any other exception is logged
   with its traceback and answered EIO. The loop itself never dies of a request.
 
+Negotiated: HANDLE_KILLPRIV_V2. Without it the kernel asks GETXATTR security.capability
+before every write(2), passthrough ones included; with it the daemon strips set-id bits when
+the kernel says so (``native_ops``: the WRITE, OPEN and SETATTR kill flags, and the empty
+SETATTR a passthrough write's file_remove_privs sends).
+
 Not negotiated: POSIX/flock locks (the kernel keeps them local, as with pyfuse3), splice,
-HANDLE_KILLPRIV (the kernel strips suid/sgid itself), EXPORT_SUPPORT, DAX, security contexts.
+HANDLE_KILLPRIV (v1), EXPORT_SUPPORT, DAX, security contexts.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ So every test item (setup, call and teardown) runs under a watchdog thread that 
    wakes, pytest-timeout's exception (or the test's own error) fails the test, and the
    fixtures clean up as usual (the guard unmounts the aborted mounts lazily itself, in case
    the timeout's exception cut a cleanup short);
-3. if the item is still not done ``GRACE`` seconds later, it exits the whole run with
-   status 3: a red run that says why beats a run that never ends.
+3. if the item is still not done ``EXIT_AFTER`` seconds later (time for the fixtures'
+   teardown: SIGTERM and SIGKILL graces), it stops pytest's output capture, says so and
+   exits the whole run with status 3: a red run that says why beats a run that never ends.
 
 A pytest plugin: tests/conftest.py registers it; ``-p hangguard`` loads it elsewhere.
 """
@@ -35,6 +36,8 @@ import pytest
 
 #: Seconds past the item's timeout before the abort, and again before the exit.
 GRACE = float(os.environ.get("HANGGUARD_GRACE", "30"))
+#: Seconds after the abort before the run is ended.
+EXIT_AFTER = float(os.environ.get("HANGGUARD_EXIT_AFTER", "120"))
 FUSECTL = "/sys/fs/fuse/connections"
 
 _known_at_start: set[str] = set()
@@ -90,7 +93,8 @@ def item_timeout(item: pytest.Item) -> float:
 
 
 class Watchdog:
-    def __init__(self, nodeid: str, timeout: float) -> None:
+    def __init__(self, config: pytest.Config, nodeid: str, timeout: float) -> None:
+        self.config = config
         self.nodeid = nodeid
         self.timeout = timeout
         self.done = threading.Event()
@@ -121,9 +125,17 @@ class Watchdog:
             # A dead connection's mount stays until unmounted; a fixture that the timeout's
             # exception skipped would leave it behind.
             subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=10)
-        if self.done.wait(GRACE):
+        if self.done.wait(EXIT_AFTER):
             return
-        print(f"hangguard: {self.nodeid} still stuck after the abort; ending the run",
+        # What a test prints is captured and would be lost with the process: give the
+        # terminal back first.
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        try:
+            capman.suspend_global_capture(in_=False)
+        except Exception:
+            pass
+        print(f"\nhangguard: {self.nodeid} did not end within {EXIT_AFTER:.0f}s of the abort "
+              "of its FUSE connections; ending the run (exit status 3). Stacks:",
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(3)
@@ -135,5 +147,5 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    with Watchdog(item.nodeid, item_timeout(item)):
+    with Watchdog(item.config, item.nodeid, item_timeout(item)):
         yield

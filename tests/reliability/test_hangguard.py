@@ -3,7 +3,9 @@
 An inner pytest run (the hangguard plugin, a 2 s timeout, a 2 s grace) mounts passthru, stops
 its daemon with SIGSTOP and stats a name under the mount: the lookup waits for a daemon that
 never answers. The inner run must end by itself, naming the test, with the connection aborted,
-the test failed, and no mount or process left behind.
+the test failed, and no mount or process left behind. A second inner test never returns
+even after the abort (it sleeps): the guard must end that run with status 3 and say why on
+the terminal, not in the capture that dies with the process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 
 from backingfs.testing import REPO_ROOT, cli_env, is_fuse_mounted
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 INNER = '''
 import os, signal
@@ -57,13 +59,14 @@ def test_a_stat_under_a_stopped_daemon_is_aborted(tmp_path: Path) -> None:
     mnt.mkdir()
     pidfile = tmp_path / "pid"
     tests_dir = os.path.join(REPO_ROOT, "tests")
-    env = cli_env({"HANGGUARD_GRACE": "2", "HANG_MNT": str(mnt), "HANG_PID": str(pidfile),
+    env = cli_env({"HANGGUARD_GRACE": "2", "HANGGUARD_EXIT_AFTER": "60", "HANG_MNT": str(mnt),
+                   "HANG_PID": str(pidfile),
                    "PYTHONPATH": os.pathsep.join([tests_dir, REPO_ROOT])})
     started = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "hangguard",
                         "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
                         str(tmp_path / "test_inner.py")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=90)
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150)
     took = time.monotonic() - started
     out = r.stdout + r.stderr
     try:
@@ -81,3 +84,32 @@ def test_a_stat_under_a_stopped_daemon_is_aborted(tmp_path: Path) -> None:
     finally:
         if is_fuse_mounted(str(mnt)):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+SLEEPER = '''
+import time
+
+import pytest
+
+
+@pytest.mark.timeout(1)
+def test_sleeps_through_everything() -> None:
+    while True:
+        try:
+            time.sleep(100)
+        except BaseException:  # swallows pytest-timeout's exception, as a stuck call would
+            pass
+'''
+
+
+def test_a_test_that_never_ends_ends_the_run(tmp_path: Path) -> None:
+    (tmp_path / "test_sleeper.py").write_text(textwrap.dedent(SLEEPER))
+    env = cli_env({"HANGGUARD_GRACE": "1", "HANGGUARD_EXIT_AFTER": "1",
+                   "PYTHONPATH": os.pathsep.join([os.path.join(REPO_ROOT, "tests"),
+                                                  REPO_ROOT])})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "hangguard",
+                        "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                        str(tmp_path / "test_sleeper.py")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "test_sleeps_through_everything did not end within 1s" in r.stderr, r.stderr
