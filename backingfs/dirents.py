@@ -24,8 +24,6 @@ import stat
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, NamedTuple, TypeVar
 
-import trio
-
 from .fsapi import DirEntry, Entry, ReaddirReply
 
 P = TypeVar("P")
@@ -109,7 +107,6 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
 
     Returns the number of entries ``reply`` accepted.
     """
-    await trio.lowlevel.checkpoint()
     accepted = 0
     for item in snapshot.entries_from(off):
         try:

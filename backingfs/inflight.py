@@ -68,12 +68,13 @@ class InFlight:
             self.parent.end_io()
 
     async def wait_drained(self) -> None:
-        """Return once no request is in flight. Always checkpoints.
+        """Return once no request is in flight: at once, without a checkpoint, when none
+        is (the common case: a RELEASE after the last read), so the native session serves
+        the request inline.
 
         Cancellation: a cancelled waiter stops waiting; the requests go on. Callers that
         must not stop waiting (release, unmount) shield themselves.
         """
-        await trio.lowlevel.checkpoint()
         while True:
             with self._lock:
                 if self._count == 0:

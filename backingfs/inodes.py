@@ -27,11 +27,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import trio
-
 from .attrs import AttrCache
 from .fsapi import ROOT_INO
 from .inflight import InFlight
+from .locks import QuickLock
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class Inode:
         self.is_stale = False  # backing object replaced: ops answer ESTALE; never cleared
         self.io = InFlight()  # in-flight requests on this inode; parent: the table's io
         self.attrs = AttrCache()
-        self.lock = trio.Lock()  # serialises writes / attribute updates on this inode
+        self.lock = QuickLock()  # serialises writes / attribute updates on this inode
 
     def on_evict(self) -> None:
         """Hook: the inode left the table (close an O_PATH fd, ...). Default: nothing.

@@ -26,10 +26,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import trio
-
 from backingfs.fsapi import ROOT_INO
 from backingfs.inodes import Inode
+from backingfs.locks import QuickLock
 
 if TYPE_CHECKING:
     from backingfs.inodes import InodeTable
@@ -60,7 +59,7 @@ class OvlInode(Inode):
         self.is_opaque = is_opaque
         self.parent = parent
         self.name = name
-        self.copy_up_lock = trio.Lock()
+        self.copy_up_lock = QuickLock()
         self.table: InodeTable[OvlInode] | None = None  # for the parent reference
         self.holds_parent_ref = False
 

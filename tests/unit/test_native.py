@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import struct
 from collections.abc import Sequence
@@ -471,3 +472,112 @@ def test_frontend_choice_takes_session_and_passthrough_out(
     for bad in (["session=kernel"], ["passthrough=maybe"], ["session"]):
         with pytest.raises(UsageError):
             frontend_choice(bad)
+
+
+class SlowReadFs(FakeFs):
+    """READ suspends (as a cold read waiting for its I/O does); LOOKUP never does."""
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        await trio.sleep(0.01)
+        return b"slow"
+
+
+def test_request_loop_serves_inline_and_suspending_requests() -> None:
+    """The whole loop over a SEQPACKET socketpair (message boundaries as /dev/fuse): lookups
+    are served inline by the reader, reads that suspend are finished by their own task while
+    the next reader goes on; every request gets its one answer; terminate() ends serve()."""
+    s = NativeSession(SlowReadFs())
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.fd = ours.fileno()
+    lookups, reads = 40, 5
+    sent: dict[int, int] = {}
+    unique = 100
+    for i in range(lookups + reads):
+        unique += 2
+        if i % 9 == 4 and len([v for v in sent.values() if v == abi.Op.READ]) < reads:
+            sent[unique] = abi.Op.READ
+            peer.send(request(abi.Op.READ, 2, abi.READ_IN.pack(10, 0, 4096, 0, 0, 0, 0),
+                              unique=unique))
+        else:
+            sent[unique] = abi.Op.LOOKUP
+            peer.send(request(abi.Op.LOOKUP, 1, b"f\0" if i % 2 else b"nope\0",
+                              unique=unique))
+    answers: dict[int, tuple[int, bytes]] = {}
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            await serve_and_collect()
+
+    async def serve_and_collect() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.serve, 1, 8)
+
+            def collect() -> None:
+                peer.settimeout(10)
+                while len(answers) < len(sent):
+                    msg = peer.recv(1 << 16)
+                    _, error, u = abi.OUT_HEADER.unpack_from(msg)
+                    assert u not in answers, f"request {u} answered twice"
+                    answers[u] = (error, msg[abi.OUT_HEADER.size:])
+
+            await trio.to_thread.run_sync(collect)
+            s.terminate()
+
+    try:
+        trio.run(main)
+    finally:
+        ours.close()
+        peer.close()
+    assert set(answers) == set(sent)
+    for u, op in sent.items():
+        error, body = answers[u]
+        if op == abi.Op.READ:
+            assert (error, body) == (0, b"slow")
+        else:
+            assert error in (0, -errno.ENOENT)
+    n_reads = sum(1 for op in sent.values() if op == abi.Op.READ)
+    assert s.suspended[abi.Op.READ] == n_reads
+    assert s.counts[abi.Op.LOOKUP] == len(sent) - n_reads
+    assert not s.suspended[abi.Op.LOOKUP]
+
+
+def test_enodev_while_polling_ends_the_session_quietly(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    """The device goes away (unmount) while an idle reader polls it: serve() returns, no
+    traceback, no error logged."""
+    from backingfs import native
+
+    s = NativeSession(FakeFs())
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.fd = ours.fileno()
+    calls = 0
+    real_readv = os.readv
+
+    def readv(fd: int, buffers: Any) -> int:
+        nonlocal calls
+        if fd != s.fd:
+            return real_readv(fd, buffers)
+        calls += 1
+        if calls < 50:
+            raise BlockingIOError(errno.EAGAIN, "nothing yet")
+        if calls == 50:
+            peer.send(b"x")  # the real device polls readable once it is gone
+        raise OSError(errno.ENODEV, "unmounted")
+
+    monkeypatch.setattr(native.os, "readv", readv)
+    monkeypatch.setattr(native, "SPIN_SECONDS", 0.5)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            await s.serve(1, 4)
+
+    try:
+        with caplog.at_level("WARNING"):
+            trio.run(main)
+    finally:
+        ours.close()
+        peer.close()
+    assert calls >= 50
+    assert not s._mounted
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
