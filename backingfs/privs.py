@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Protocol
 
 from backingfs import xattrs
 from backingfs.creds import caller_groups
@@ -105,7 +106,16 @@ def strip_privs(
     return mode
 
 
-def kill_mask(st: os.stat_result, gid: int, pid: int) -> int:
+class StatLike(Protocol):
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+
+
+def kill_mask(st: StatLike, gid: int, pid: int) -> int:
     """The set-id bits of ``st`` a write or truncate by a caller without CAP_FSETID clears,
     the caller's primary group being ``gid`` and its process ``pid`` (read for the
     supplementary groups only when the answer depends on them: S_ISGID without S_IXGRP)."""

@@ -27,7 +27,7 @@ from backingfs import privs, rw
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
 from backingfs.flags import APPEND, from_open_flags
-from backingfs.fsapi import Caller, OpenReply
+from backingfs.fsapi import Caller, OpenReply, SetattrRequest
 from backingfs.handles import Handle
 from backingfs.request import Request
 from backingfs.syscalls import fallocate as fallocate_fd
@@ -36,6 +36,7 @@ from backingfs.syscalls import proc_path, reopen
 from .copyup import copy_up
 from .entry import OvlInode
 from .inode import check_writable
+from .inode import setattr as ovl_setattr
 
 if TYPE_CHECKING:
     from .superblock import Superblock
@@ -204,6 +205,11 @@ async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:
 async def kill_suidgid(sb: Superblock, fh: int, caller: Caller) -> None:
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:
+        if sb.owners is not None and handle.is_upper:
+            # The reported mode may be an override record (xattr_permissions): setattr
+            # knows where the bits live.
+            await ovl_setattr(sb, handle.inode, SetattrRequest(kill_suidgid=caller), None)
+            return
         async with handle.inode.lock:
             if handle.is_upper:  # a lower file is never written: the write will fail
                 st = privs.kill_suidgid(handle.current().fd, caller.gid, caller.pid)

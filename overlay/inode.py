@@ -17,11 +17,13 @@ coming in, and the ACL xattrs' ids both ways.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
 from typing import TYPE_CHECKING
 
+from backingfs import privs
 from backingfs import xattrs as bxattrs
 from backingfs.attrs import Attr
 from backingfs.creds import check_access
@@ -86,6 +88,14 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
                 os.truncate(proc_path(upper), size)
 
         if sb.owners is not None:
+            if changes.kill_suidgid is not None and changes.mode is None:
+                # The set-id bits the kernel saw are those we report (an override record
+                # under xattr_permissions): strip them there, as a mode change.
+                cur = make_entry(sb, inode).attr
+                kill = privs.kill_mask(cur, changes.kill_suidgid.gid, changes.kill_suidgid.pid)
+                changes = dataclasses.replace(
+                    changes, kill_suidgid=None,
+                    mode=stat.S_IMODE(cur.st_mode & ~kill) if kill else None)
             changes = sb.owners.setattr_in(upper, changes, os.fstat(upper))
         st = await setattr_backing(upper, stat.S_IFMT(inode.mode), changes, truncate)
         inode.attrs.copyattr(st)

@@ -435,3 +435,28 @@ def test_acl_ids_follow_the_mapping(base: Path) -> None:
 
     run_on("ours", base / "ours", "uidmapping=0:1000:2000", build, scenario)
     assert facl(base / "ours" / "upper" / "f") == ["user:555:rw-", "user:1234:r--"]
+
+
+@needs_root
+def test_xattr_permissions_writes_by_others_clear_recorded_set_id_bits(base: Path) -> None:
+    """Under xattr_permissions the set-id bits clients see live in the override record;
+    an unprivileged write, truncate and O_TRUNC open must clear them there (the kernel
+    leaves the stripping to the daemon: HANDLE_KILLPRIV_V2)."""
+
+    def build(layers: Layers) -> None:
+        (layers.lower / "pub").mkdir()
+        os.chmod(layers.lower / "pub", 0o777)
+        for name in ("w", "t", "o"):
+            (layers.lower / "pub" / name).write_text("data")
+
+    def scenario(layers: Layers) -> None:
+        pub = layers.mnt / "pub"
+        for name in ("w", "t", "o"):
+            os.chmod(pub / name, 0o6777)
+        assert as_user(1002, f"printf X >> {pub}/w && truncate -s 1 {pub}/t && : > {pub}/o") == 0
+        modes = {n: stat.S_IMODE(os.stat(pub / n).st_mode) for n in ("w", "t", "o")}
+        assert modes == {"w": 0o777, "t": 0o777, "o": 0o777}
+        assert (pub / "w").read_text() == "dataX"
+        assert os.stat(pub / "t").st_size == 1 and os.stat(pub / "o").st_size == 0
+
+    run_on("ours", base / "ours", "xattr_permissions=2", build, scenario)
