@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 #: Far above any real st_ino in practice; the counter only grows, so it never repeats.
 RESERVED_INO_BASE = 1 << 62
 
+#: Guards the first-use creation of every inode's ``io`` (held for a few instructions).
+_LAZY_IO_LOCK = threading.Lock()
+
 
 class Inode:
     """One stacked inode. Filesystems subclass it to add their backing state.
@@ -45,6 +48,10 @@ class Inode:
     ``lookups`` and ``opens`` belong to the table: read them freely, change them only
     through ``InodeTable``. ``io.parent`` is set to the table's ``io`` when the table adopts
     the inode (``InodeTable.__init__`` for the root, ``lookup`` for the rest).
+
+    ``io`` and ``lock`` are made on first use: a listing (READDIRPLUS) makes an inode for
+    every entry, and most of them are never opened nor written, so building both up front
+    was a measurable part of a listing's cost (allocation and garbage-collector work).
     """
 
     def __init__(self, ino: int, key: Hashable) -> None:
@@ -53,9 +60,39 @@ class Inode:
         self.lookups = 0  # kernel refs; guarded by the table lock; 0 and no opens => evict
         self.opens = 0  # open handles (files and dirs); guarded by the table lock
         self.is_stale = False  # backing object replaced: ops answer ESTALE; never cleared
-        self.io = InFlight()  # in-flight requests on this inode; parent: the table's io
         self.attrs = AttrCache()
-        self.lock = QuickLock()  # serialises writes / attribute updates on this inode
+        self._io: InFlight | None = None
+        self._io_parent: InFlight | None = None
+        self._lock: QuickLock | None = None
+
+    @property
+    def io(self) -> InFlight:
+        """In-flight requests on this inode; parent: the table's io."""
+        io = self._io
+        if io is None:
+            # Handles (and so this) may be made on worker threads: make exactly one.
+            with _LAZY_IO_LOCK:
+                io = self._io
+                if io is None:
+                    io = self._io = InFlight(self._io_parent)
+        return io
+
+    @property
+    def lock(self) -> QuickLock:
+        """Serialises writes / attribute updates on this inode."""
+        lock = self._lock
+        if lock is None:
+            # A QuickLock is only ever taken by trio tasks on the loop thread, so a plain
+            # check-and-set cannot race.
+            lock = self._lock = QuickLock()
+        return lock
+
+    def _attach_io(self, parent: InFlight) -> None:
+        """Make the table's ``parent`` the parent of ``io``, made now or later. Called by
+        the table before the inode is published, so nothing can race it."""
+        self._io_parent = parent
+        if self._io is not None:
+            self._io.parent = parent
 
     def on_evict(self) -> None:
         """Hook: the inode left the table (close an O_PATH fd, ...). Default: nothing.
@@ -106,7 +143,7 @@ class InodeTable(Generic[InodeT]):
 
     def _adopt(self, inode: InodeT) -> None:
         """Enter a new inode in both maps. Caller holds _lock (or is __init__)."""
-        inode.io.parent = self.io
+        inode._attach_io(self.io)
         self._by_ino[inode.ino] = inode
         self._by_key[inode.key] = inode
 

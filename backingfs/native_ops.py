@@ -14,6 +14,7 @@ given back for entries that did not fit and for ``.``/``..`` (the kernel never c
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -95,6 +96,19 @@ def entry_out(e: Entry) -> bytes:
 def attr_out(e: Entry) -> bytes:
     ats, atn = abi.split_timeout(e.attr_timeout)
     return _ATTR_OUT.pack(ats, atn, 0, *_attr_fields(e.attr))
+
+
+@functools.lru_cache(maxsize=16)
+def _split_timeouts(entry_timeout: float, attr_timeout: float) -> tuple[int, int, int, int]:
+    """``(entry_sec, attr_sec, entry_nsec, attr_nsec)``, in entry_out's order. Cached: the
+    entries of a listing all carry the mount's one pair of timeouts."""
+    es, ens = abi.split_timeout(entry_timeout)
+    ats, atn = abi.split_timeout(attr_timeout)
+    return es, ats, ens, atn
+
+
+#: Zero padding by length, so that padding an entry to 8 bytes allocates nothing.
+_PADS = tuple(bytes(n) for n in range(8))
 
 
 def _name(data: bytes, start: int) -> bytes:
@@ -500,22 +514,22 @@ async def _readdir(s: NativeSession, unique: int, data: bytes, *, plus: bool) ->
     def reply(d: DirEntry) -> bool:
         nonlocal accepted, full
         name = d.name
-        need = abi.dirent_size(len(name), plus)
-        if full or len(buf) + need > size:
+        namelen = len(name)
+        e = d.entry
+        a = e.attr
+        if full or len(buf) + abi.dirent_size(namelen, plus) > size:
             full = True
-            returned[d.entry.ino] += 1
+            returned[a.st_ino] += 1
             return False
-        a = d.entry.attr
         dtype = (a.st_mode >> 12) & 0o17
         if plus:
-            buf.extend(_DIRENTPLUS_HEAD.pack(*_entry_fields(d.entry), a.st_ino, d.next_off,
-                                             len(name), dtype))
+            buf.extend(_DIRENTPLUS_HEAD.pack(
+                a.st_ino, e.generation, *_split_timeouts(e.entry_timeout, e.attr_timeout),
+                *_attr_fields(a), a.st_ino, d.next_off, namelen, dtype))
         else:
-            buf.extend(abi.DIRENT_HEAD.pack(a.st_ino, d.next_off, len(name), dtype))
+            buf.extend(abi.DIRENT_HEAD.pack(a.st_ino, d.next_off, namelen, dtype))
         buf.extend(name)
-        pad = -len(buf) & 7
-        if pad:
-            buf.extend(bytes(pad))
+        buf.extend(_PADS[-len(buf) & 7])
         accepted += 1
         if name in _DOTS or not plus:
             returned[d.entry.ino] += 1

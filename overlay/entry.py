@@ -59,7 +59,7 @@ class OvlInode(Inode):
         self.is_opaque = is_opaque
         self.parent = parent
         self.name = name
-        self.copy_up_lock = QuickLock()
+        self._copy_up_lock: QuickLock | None = None
         self.table: InodeTable[OvlInode] | None = None  # for the parent reference
         self.holds_parent_ref = False
 
@@ -72,6 +72,15 @@ class OvlInode(Inode):
         lowers = [LowerRef(layer, os.dup(layer.fd)) for layer in layers.lowers]
         return cls(ROOT_INO, ROOT_KEY, mode=stat.S_IFDIR, upper=upper, upper_xwhiteouts=False,
                    lowers=lowers, is_opaque=False, parent=None, name=b"")
+
+    @property
+    def copy_up_lock(self) -> QuickLock:
+        # Made on first use, as backingfs makes ``lock``: few inodes a listing makes are
+        # ever copied up. Only trio tasks on the loop thread take it, so this cannot race.
+        lock = self._copy_up_lock
+        if lock is None:
+            lock = self._copy_up_lock = QuickLock()
+        return lock
 
     @property
     def is_dir(self) -> bool:

@@ -48,7 +48,9 @@ def make_attr(sb: Superblock, inode: OvlInode, st: os.stat_result) -> Attr:
     nlink = st.st_nlink
     if inode.is_dir and (inode.is_merged or sb.params.static_nlink):
         nlink = 1
-    return Attr.from_stat(st, ino=inode.ino).replace(st_nlink=nlink)
+    # Built in one go (not from_stat().replace()): one runs for every entry listed.
+    return Attr(inode.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def data_layer_index(inode: OvlInode) -> int:

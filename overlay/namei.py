@@ -104,7 +104,8 @@ def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
 
 
 def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> None:
-    for lower in parent.lowers:
+    bottom = len(parent.lowers) - 1
+    for i, lower in enumerate(parent.lowers):
         st = wo.lstat_at(lower.fd, name)
         if st is None:
             if wo.has_aufs_whiteout(lower.fd, name):
@@ -116,7 +117,8 @@ def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved
         if res.st is not None and not is_dir:
             return  # a directory above hides a non-directory below
         fd = open_path(lower.fd, name)
-        opaque, xwh = wo.dir_state(fd, sb.prefix) if is_dir else (False, False)
+        # The walk ends after the bottom lower anyway: its opacity is not needed there.
+        opaque, xwh = wo.dir_state(fd, sb.prefix, i == bottom) if is_dir else (False, False)
         res.lowers.append(LowerRef(lower.layer, fd, xwh))
         if res.st is None:
             res.st = st

@@ -66,8 +66,12 @@ def get_xattr_at(dir_fd: int, name: bytes, xname: bytes) -> bytes | None:
 
 
 def get_xattr_fd(fd: int, xname: bytes) -> bytes | None:
+    # Straight through the fd's /proc magic link, where bxattrs.fgetxattr ends up for the
+    # O_PATH fds namei holds: its fgetxattr try fails EBADF on them and costs an fcntl to
+    # tell why, three syscalls and an exception per directory looked up instead of one.
+    # The link reaches the same object for any other kind of fd.
     try:
-        return bxattrs.fgetxattr(fd, xname)
+        return os.getxattr(b"/proc/self/fd/%d" % fd, xname)
     except OSError as e:
         if e.errno in _NO_XATTR:
             return None
@@ -94,12 +98,17 @@ def opaque_value(dir_fd: int, prefix: bytes) -> bytes | None:
     return get_xattr_fd(dir_fd, prefix + b"opaque")
 
 
-def dir_state(dir_fd: int, prefix: bytes) -> tuple[bool, bool]:
-    """``(is_opaque, has_xwhiteouts)`` of the layer directory ``dir_fd``."""
+def dir_state(dir_fd: int, prefix: bytes, is_bottom: bool = False) -> tuple[bool, bool]:
+    """``(is_opaque, has_xwhiteouts)`` of the layer directory ``dir_fd``.
+
+    ``is_bottom``: nothing lies below the directory in its merge (it is in its parent's
+    last layer), so its opacity cannot matter and the ``.wh..wh..opq`` marker is not looked
+    for (is_opaque then reflects the xattr only). The xattr is still read: its ``x`` value
+    decides whether the directory's own xattr whiteouts hide names."""
     value = opaque_value(dir_fd, prefix)
     if value == b"y":
         return True, False
-    if lstat_at(dir_fd, AUFS_OPAQUE) is not None:
+    if not is_bottom and lstat_at(dir_fd, AUFS_OPAQUE) is not None:
         return True, value == b"x"
     return False, value == b"x"
 
