@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+from backingfs.attrs import Attr
 from backingfs.fsapi import (
     Caller,
     Entry,
@@ -64,6 +65,11 @@ class OverlayFs(Filesystem):
         res = resolve(sb, dir_inode, name)
         if not res.exists:
             res.close()
+            timeout = sb.params.timeout
+            if timeout > 0:
+                # ino 0: a negative entry the kernel caches for the entry timeout (no
+                # reference), as passthru does; a name made through the mount replaces it.
+                return Entry(Attr(st_ino=0, st_mode=0), timeout, 0.0)
             raise OSError(errno.ENOENT, "no such file or directory", name)
         inode = adopt(sb, dir_inode, name, res)
         try:
