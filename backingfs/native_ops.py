@@ -56,8 +56,8 @@ WANTED = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.AUTO_INVAL_
           | abi.CACHE_SYMLINKS | abi.INIT_EXT | abi.HAS_EXPIRE_ONLY
           # The kernel then stops asking GETXATTR security.capability before every
           # write(2) (it marks the superblock SB_NOSEC) and leaves set-id stripping to us:
-          # WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID below; passthrough
-          # writes are covered by the backing ids' credentials (passthrough.backing_open).
+          # WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID below, and for a
+          # passthrough write the empty SETATTR its privilege check sends (``_CHANGES``).
           | abi.HANDLE_KILLPRIV_V2)
 
 Ids = tuple[int, int, int]
