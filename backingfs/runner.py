@@ -169,16 +169,24 @@ def setup_logging(debug: bool) -> None:
 
 
 def raise_nofile_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: a stacked fs holds an fd per open file and
-    per cached inode."""
+    """RLIMIT_NOFILE up to the kernel's ``nr_open``: a stacked fs holds an fd per open file
+    and per inode the kernel caches, so an ``ls -l`` of a directory bigger than the limit
+    would fail with EMFILE. The soft limit goes up to the hard one; with CAP_SYS_RESOURCE
+    (root) the hard one goes up to ``nr_open`` first (a container's 20,000 or systemd's
+    524,288 are far below what a big tree needs)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1 << 20
+    if hard != resource.RLIM_INFINITY and hard < ceiling:
         try:
-            with open("/proc/sys/fs/nr_open") as f:
-                target = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return
         except (OSError, ValueError):
-            target = 1 << 20
+            pass  # no CAP_SYS_RESOURCE: the hard limit is what we get
+    target = ceiling if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

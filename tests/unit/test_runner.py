@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from backingfs import runner
 from backingfs.options import UsageError
 from backingfs.runner import QuietError, check_mountpoint, cli_main
 from backingfs.testing import (
@@ -58,17 +58,41 @@ def test_cli_main_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == "prog: mountpoint /x does not exist\nprog: unknown option '-x'\n"
 
 
-def test_raise_nofile_limit_reaches_hard_limit() -> None:
-    import resource
+_LIMITS_AFTER_RAISE = (
+    "import resource, backingfs.runner as r; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); r.raise_nofile_limit(); "
+    "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
-        runner.raise_nofile_limit()
-        new_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        assert new_soft == hard or (hard == resource.RLIM_INFINITY and new_soft > 256)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+def _limits_after_raise(*prefix: str) -> list[int]:
+    """Run raise_nofile_limit in a child (a lowered hard limit cannot be raised back
+    without CAP_SYS_RESOURCE, so not in the test process) from soft 256, hard 4096."""
+    r = subprocess.run([*prefix, sys.executable, "-c", _LIMITS_AFTER_RAISE], env=cli_env(),
+                       capture_output=True, text=True, timeout=30, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.split()]
+
+
+def _has_cap(bit: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def test_raise_nofile_limit_reaches_hard_limit() -> None:
+    """Without CAP_SYS_RESOURCE the hard limit is fixed: the soft limit goes up to it."""
+    assert _limits_after_raise("setpriv", "--bounding-set=-sys_resource",
+                               "--inh-caps=-sys_resource") == [4096, 4096]
+
+
+def test_raise_nofile_limit_with_cap_sys_resource_lifts_the_hard_limit() -> None:
+    """With CAP_SYS_RESOURCE both limits go up to nr_open (a container's 20,000 would make a
+    directory of 20,000 entries costly to list); without it (some sandboxes deny it even to
+    root, this one among them) the hard limit stays and the soft one reaches it."""
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    want = nr_open if _has_cap(24) else 4096   # 24: CAP_SYS_RESOURCE
+    assert _limits_after_raise() == [want, want]
 
 
 def test_mountpoint_missing_is_one_line_no_traceback(tmp_path: Path) -> None:
