@@ -461,6 +461,7 @@ class Pyfuse3Session:
     def __init__(self, fs: fsapi.Filesystem) -> None:
         self.ops = Bridge(fs)
         self.fs = fs
+        fs.notifier = Pyfuse3Notifier()
         pyfuse3_log = logging.getLogger("pyfuse3")
         if not any(isinstance(f, _ReplyRaceFilter) for f in pyfuse3_log.filters):
             pyfuse3_log.addFilter(_ReplyRaceFilter())

@@ -24,9 +24,12 @@ import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .attrs import Attr
+
+if TYPE_CHECKING:
+    from .notify import Notifier
 
 ROOT_INO = 1
 
@@ -142,6 +145,9 @@ class Filesystem:
     #: ``backing`` fd itself. Their writes then never reach the filesystem, so attributes
     #: must come from the backing file (getattr stats it), not from a cache of our writes.
     passthrough: bool = False
+    #: Set by the front-end before ``init``: how to tell the kernel that a cached entry or
+    #: inode changed behind its back (``notify.Notifier``); None outside a session.
+    notifier: Notifier | None = None
 
     def init(self) -> None:
         """Called once the session is up, before the first request. Must not raise."""

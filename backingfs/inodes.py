@@ -9,7 +9,9 @@ Identity is the inode's ``key`` (a ``BackingId``, plus the layer for overlay). A
 object replaced underneath is never mutated in place: ``mark_stale`` unmaps its key, so the
 next lookup makes a new inode with a new ``ino``, while the stale one keeps its number
 reserved until the kernel forgets it (the "bad inode" and libfuse passthrough_hp fixes,
-reference §D.9, §E.16-17).
+reference §D.9, §E.16-17). The one sanctioned change of identity is ``rekey``: the same
+object (type unchanged) known under a new key, as after an overlay copy-up that breaks a
+lower hard link.
 
 Locking: one ``threading.Lock`` guards both maps and every ``lookups``/``opens`` count, so
 each find-or-create-and-count is atomic (libfuse 1e19235c: a lookup must not resurrect an
@@ -56,7 +58,7 @@ class Inode:
 
     def __init__(self, ino: int, key: Hashable) -> None:
         self.ino = ino  # kernel node id == reported st_ino; never reused while held
-        self.key = key  # identity: BackingId (+ layer); immutable for the inode's life
+        self.key = key  # identity: BackingId (+ layer); changed only by InodeTable.rekey
         self.lookups = 0  # kernel refs; guarded by the table lock; 0 and no opens => evict
         self.opens = 0  # open handles (files and dirs); guarded by the table lock
         self.is_stale = False  # backing object replaced: ops answer ESTALE; never cleared
@@ -252,6 +254,25 @@ class InodeTable(Generic[InodeT]):
             inode.is_stale = True
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
+
+    def rekey(self, inode: InodeT, key: Hashable) -> bool:
+        """Give the live ``inode`` a new identity in place (its ino stays: the kernel knows
+        it by that): an overlay copy-up that breaks a lower hard link turns the inode of
+        one name into the inode of a new upper file, and the kernel must keep one inode,
+        one page cache, for it. False, and nothing changed, when ``inode`` is stale or
+        evicted or another live inode already has ``key`` (the caller then marks it
+        stale)."""
+        with self._lock:
+            if inode.is_stale or self._by_ino.get(inode.ino) is not inode:
+                return False
+            other = self._by_key.get(key)
+            if other is not None and other is not inode:
+                return False
+            if self._by_key.get(inode.key) is inode:
+                del self._by_key[inode.key]
+            inode.key = key
+            self._by_key[key] = inode
+            return True
 
     def open(self, inode: InodeT) -> None:
         """One more open handle on ``inode``. ``OSError(ESTALE)`` if it already left the

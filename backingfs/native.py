@@ -95,6 +95,7 @@ class NativeSession:
         self._min_tasks = 1
         self._max_tasks = 64
         self._handlers = native_ops.HANDLERS
+        fs.notifier = NativeNotifier(self)
 
     # --- lifecycle (the runner's four calls) ----------------------------------------------
 

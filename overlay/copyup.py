@@ -22,8 +22,12 @@ xattrs themselves are not copied.
 
 The origin record (xattrs.origin_name) is the st_ino the object had, so st_ino survives
 copy-up and remounts. As the kernel does, it is not written for a file with more than one
-link (the copy breaks the hard link, and two uppers must not claim one number): that inode
-is marked stale so the other names, and the copied name, get inodes of their own.
+link (the copy breaks the hard link, and two uppers must not claim one number). Each name
+of a lower hard link is its own inode already (namei.adopt); the copied name's inode is
+re-keyed to the new upper file (``_broke_hard_link``), keeping its kernel inode (one page
+cache for the file and any link made to it), and the kernel's cached attributes (nlink 2)
+are invalidated. Its st_ino stays what it was until the kernel forgets the inode; a later
+lookup, and a remount, report the upper file's own.
 
 Handles opened before the copy-up notice it on their next I/O (file.py).
 """
@@ -45,6 +49,7 @@ from backingfs.syscalls import RENAME_NOREPLACE, open_path, renameat2, reopen, u
 
 from . import xattrs as oxattrs
 from .entry import OvlInode
+from .namei import upper_file_key
 
 if TYPE_CHECKING:
     from .superblock import Superblock
@@ -107,7 +112,21 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
         inode.upper_xwhiteouts = False
         inode.attrs.invalidate()
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and inode is not sb.inodes.root:
-            sb.inodes.mark_stale(inode)
+            await _broke_hard_link(sb, inode)
+
+
+async def _broke_hard_link(sb: Superblock, inode: OvlInode) -> None:
+    """The copy-up of a lower hard link made a new file with one link (no index, as the
+    kernel): the inode now stands for that upper file. Same kernel inode, so handles,
+    page cache and a link made to it stay one file; new key, so a lookup of the upper file
+    finds it; the kernel's cached nlink (and st_ino on a later lookup) are dropped."""
+    assert inode.upper is not None
+    key = upper_file_key(sb, os.fstat(inode.upper))
+    if not sb.inodes.rekey(inode, key):
+        # Another inode already adopted the upper file (a lookup raced the copy-up).
+        sb.inodes.mark_stale(inode)
+    if sb.notifier is not None:
+        await sb.notifier.invalidate_inode(inode.ino, attr_only=True)
 
 
 def _is_small(fd: int, size: int | None) -> bool:

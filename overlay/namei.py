@@ -145,6 +145,14 @@ def _st_ino(sb: Superblock, res: Resolved) -> int | None:
     return layers.st_ino(res.lowers[0].layer, res.st.st_ino)
 
 
+def upper_file_key(sb: Superblock, st: os.stat_result) -> object:
+    """The inode key ``adopt`` gives an upper non-directory without an origin record (a
+    copied-up lower hard link): its own mapped st_ino, or a non-persistent one."""
+    assert sb.layers.upper is not None
+    st_ino = sb.layers.st_ino(sb.layers.upper, st.st_ino)
+    return st_ino if st_ino is not None else ("nomap", 0, st.st_dev, st.st_ino)
+
+
 def lower_positive(sb: Superblock, parent: OvlInode, name: bytes) -> bool:
     """Whether ``name`` exists on a lower layer of ``parent`` (so removing or renaming it
     away on the upper must leave a whiteout). The upper is not consulted. Blocking."""

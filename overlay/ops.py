@@ -21,6 +21,7 @@ from backingfs.fsapi import (
     SetattrRequest,
     Statfs,
 )
+from backingfs.notify import Notifier
 
 from . import dir as ovl_dir
 from . import file as ovl_file
@@ -41,6 +42,14 @@ class OverlayFs(Filesystem):
         # Changes reach the merged directories only through the mount (lower layers
         # changing underneath are undefined, as for keep_cache), unless timeout=0.
         self.cache_dirs = sb.params.timeout > 0
+
+    @property  # type: ignore[override]
+    def notifier(self) -> Notifier | None:
+        return self.sb.notifier
+
+    @notifier.setter
+    def notifier(self, notifier: Notifier | None) -> None:
+        self.sb.notifier = notifier
 
     def _inode(self, ino: int) -> OvlInode:
         return self.sb.inodes.get(ino)

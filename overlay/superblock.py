@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from backingfs.context import BackingFileCtx
 from backingfs.handles import HandleTable
 from backingfs.inodes import InodeTable
+from backingfs.notify import Notifier
 from backingfs.runner import QuietError
 from backingfs.sync import SyncPolicy
 from backingfs.syscalls import O_PATH_NOFOLLOW, close_reports_errors
@@ -74,6 +75,8 @@ class Superblock:
         # uid/gid mapping, squashing, owner/mode in xattrs; None: ownership passes through.
         self.owners: Ownership | None = Ownership.build(params, layers)
         self.sync = SyncPolicy(fsync=params.fsync, volatile=params.volatile)
+        #: The front-end's Notifier (set through OverlayFs.notifier); None outside a session.
+        self.notifier: Notifier | None = None
         self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)

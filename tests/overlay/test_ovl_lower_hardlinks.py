@@ -61,9 +61,6 @@ def test_rename_onto_another_name_of_a_lower_hardlink_moves_it(ovl: OvlLayers) -
     assert (mnt / "sub" / "b").read_text() == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: copy-up of a lower hard link marks its inode "
-                   "stale, so a link made afterwards (and any later lookup of the upper file) "
-                   "gets a second inode: two FUSE nodes, two page caches, two st_ino")
 def test_link_made_after_copy_up_is_the_same_inode(ovl: OvlLayers) -> None:
     (ovl.lower1 / "x").write_text("old data")
     os.link(ovl.lower1 / "x", ovl.lower1 / "y")
@@ -77,9 +74,6 @@ def test_link_made_after_copy_up_is_the_same_inode(ovl: OvlLayers) -> None:
     assert (mnt / "x").read_text() == "NEW data"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: copy-up breaks the link (the upper copy has "
-                   "nlink 1) but the kernel keeps the attributes it cached at lookup (nlink 2, "
-                   "entry/attr timeout 1e9) and overlay has no notifier to invalidate them")
 def test_copy_up_of_a_lower_hardlink_shows_nlink_1(ovl: OvlLayers) -> None:
     (ovl.lower1 / "x").write_text("data")
     os.link(ovl.lower1 / "x", ovl.lower1 / "y")
@@ -88,3 +82,24 @@ def test_copy_up_of_a_lower_hardlink_shows_nlink_1(ovl: OvlLayers) -> None:
     os.close(os.open(mnt / "x", os.O_WRONLY))          # copies x up, changes nothing else
     assert os.lstat(ovl.upper / "x").st_nlink == 1
     assert os.lstat(mnt / "x").st_nlink == 1            # what kernel overlayfs reports
+
+
+def test_copied_up_lower_hardlink_keeps_its_inode_until_remount(ovl: OvlLayers) -> None:
+    """The copied name keeps its kernel inode (st_ino included) while the mount holds it;
+    the other name stays the lower file; after a remount the copy has the upper file's
+    own number, distinct from the other name's, and keeps it across remounts."""
+    (ovl.lower1 / "x").write_text("data")
+    os.link(ovl.lower1 / "x", ovl.lower1 / "y")
+    mnt = ovl.mount()
+    before = os.lstat(mnt / "x").st_ino
+    with open(mnt / "x", "a") as f:
+        f.write("+")
+    assert os.lstat(mnt / "x").st_ino == before
+    assert os.lstat(mnt / "x").st_nlink == 1
+    assert os.lstat(mnt / "y").st_nlink == 2 and (mnt / "y").read_text() == "data"
+    mnt = ovl.remount()
+    x = os.lstat(mnt / "x")
+    assert x.st_ino == os.lstat(ovl.upper / "x").st_ino != os.lstat(mnt / "y").st_ino
+    assert (mnt / "x").read_text() == "data+"
+    mnt = ovl.remount()
+    assert os.lstat(mnt / "x").st_ino == x.st_ino

@@ -188,6 +188,30 @@ def test_stale_inode_keeps_ino_until_forgotten() -> None:
     assert c.ino == 10
 
 
+def test_rekey_moves_identity_keeps_ino_and_counts() -> None:
+    table = make_table()
+    a = table.lookup("lower-link", maker("lower-link"), preferred_ino=10)
+    assert table.rekey(a, "upper")
+    assert a.key == "upper" and a.ino == 10 and a.lookups == 1
+    assert table.find("upper") is a and table.find("lower-link") is None
+    assert table.lookup("upper", maker("upper"), preferred_ino=99) is a  # found, not made
+    assert table.rekey(a, "upper")  # to its own key: nothing changes
+    table.forget(10, 2)
+    assert a.evictions == 1 and table.find("upper") is None
+
+
+def test_rekey_refused_when_taken_stale_or_evicted() -> None:
+    table = make_table()
+    a = table.lookup("a", maker("a"), preferred_ino=10)
+    b = table.lookup("b", maker("b"), preferred_ino=11)
+    assert not table.rekey(a, "b")  # another live inode has it
+    assert a.key == "a" and table.find("a") is a and table.find("b") is b
+    table.mark_stale(a)
+    assert not table.rekey(a, "c") and table.find("c") is None
+    table.forget(11, 1)
+    assert not table.rekey(b, "d") and table.find("d") is None
+
+
 def test_root_never_evicted_nor_stale() -> None:
     table = make_table()
     root = table.root
