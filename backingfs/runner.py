@@ -134,10 +134,11 @@ def run(fs: Filesystem, mountpoint: str, fuse_options: Iterable[str], *, foregro
 def frontend_choice(fuse_options: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     """Take ``session=`` and ``passthrough=`` out of the options; UsageError when bad.
 
-    The default session comes from BACKINGFS_SESSION when set (tests run the battery on
-    either front-end that way), else DEFAULT_SESSION."""
+    The defaults come from BACKINGFS_SESSION and BACKINGFS_PASSTHROUGH when set (tests run
+    the battery and the overlay suite on every front-end that way), else DEFAULT_SESSION
+    and ``auto``."""
     choice = {"session": os.environ.get("BACKINGFS_SESSION", "").strip() or DEFAULT_SESSION,
-              "passthrough": "auto"}
+              "passthrough": os.environ.get("BACKINGFS_PASSTHROUGH", "").strip() or "auto"}
     rest = []
     for tok in fuse_options:
         key, value = parse_option(tok)

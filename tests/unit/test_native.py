@@ -463,12 +463,20 @@ def test_frontend_choice_takes_session_and_passthrough_out(
     from backingfs.runner import DEFAULT_SESSION, frontend_choice
 
     monkeypatch.delenv("BACKINGFS_SESSION", raising=False)
+    monkeypatch.delenv("BACKINGFS_PASSTHROUGH", raising=False)
     choice, rest = frontend_choice(["ro", "session=pyfuse3", "passthrough=off", "fsname=x"])
     assert choice == {"session": "pyfuse3", "passthrough": "off"}
     assert rest == ["ro", "fsname=x"]
     assert frontend_choice([])[0] == {"session": DEFAULT_SESSION, "passthrough": "auto"}
     monkeypatch.setenv("BACKINGFS_SESSION", "pyfuse3")
     assert frontend_choice([])[0]["session"] == "pyfuse3"
+    monkeypatch.setenv("BACKINGFS_PASSTHROUGH", "off")
+    assert frontend_choice([])[0] == {"session": "pyfuse3", "passthrough": "off"}
+    assert frontend_choice(["passthrough=on"])[0]["passthrough"] == "on"
+    monkeypatch.setenv("BACKINGFS_PASSTHROUGH", "sometimes")
+    with pytest.raises(UsageError):
+        frontend_choice([])
+    monkeypatch.delenv("BACKINGFS_PASSTHROUGH")
     for bad in (["session=kernel"], ["passthrough=maybe"], ["session"]):
         with pytest.raises(UsageError):
             frontend_choice(bad)
