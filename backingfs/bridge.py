@@ -339,9 +339,15 @@ class Bridge(pyfuse3.Operations):
         returned: Counter[int] = Counter()
         accepted = 0
         full = False
+        bare = False
 
         def reply(d: DirEntry) -> bool:
-            nonlocal accepted, full
+            nonlocal accepted, full, bare
+            if d.bare:
+                # pyfuse3 sends st_ino as the node id too: an entry without an inode cannot
+                # be expressed. End the listing here; the kernel asks again from this offset.
+                bare = full = True
+                return False
             if full or not pyfuse3.readdir_reply(token, d.name, entry_attributes(d.entry),
                                                  d.next_off):
                 full = True
@@ -354,6 +360,8 @@ class Bridge(pyfuse3.Operations):
 
         try:
             await self.fs.readdir(fh, start_id, reply)
+            if bare and not accepted:
+                raise OSError(errno.EMFILE, "no file descriptor left for a directory entry")
         except Exception as e:
             if not accepted:
                 raise

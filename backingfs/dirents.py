@@ -36,17 +36,21 @@ DOTS = (b".", b"..")
 DOT_ENTRIES = 2
 
 
-def reply_dots(off: int, dot_entry: Callable[[bytes], Entry],
+def reply_dots(off: int, dot_entry: Callable[[bytes], Entry | DirEntry],
                reply: Callable[[DirEntry], bool]) -> int | None:
     """Reply the dot entries not yet delivered at listing offset ``off``.
 
     ``dot_entry(name)`` builds the Entry of ``b"."`` or ``b".."`` and takes its lookup
-    reference (the fsapi rule). Returns the snapshot offset to go on from, or None when the
-    kernel's buffer is full (the bridge then gives back the rejected entry's reference)."""
+    reference (the fsapi rule), or returns a bare DirEntry (no reference). Returns the
+    snapshot offset to go on from, or None when the kernel's buffer is full (the bridge
+    then gives back the rejected entry's reference)."""
     for i, name in enumerate(DOTS):
         if i < off:
             continue
-        if not reply(DirEntry(name, dot_entry(name), i + 1)):
+        made = dot_entry(name)
+        d = (made._replace(next_off=i + 1) if isinstance(made, DirEntry)
+             else DirEntry(name, made, i + 1))
+        if not reply(d):
             return None
     return max(off - DOT_ENTRIES, 0)
 

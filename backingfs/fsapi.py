@@ -65,11 +65,18 @@ class Entry(NamedTuple):
 
 
 class DirEntry(NamedTuple):
-    """One readdir entry; ``next_off`` is the offset to resume *after* this entry."""
+    """One readdir entry; ``next_off`` is the offset to resume *after* this entry.
+
+    ``bare``: the filesystem could not give the entry an inode (it ran out of file
+    descriptors): it carries no lookup reference, only the name, ``attr.st_ino`` (d_ino)
+    and the type bits of ``attr.st_mode``. A readdirplus reply sends it with node id 0,
+    which the kernel lists without instantiating; it LOOKUPs the name when it needs more.
+    """
 
     name: bytes
     entry: Entry
     next_off: int
+    bare: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -519,19 +519,22 @@ async def _readdir(s: NativeSession, unique: int, data: bytes, *, plus: bool) ->
         a = e.attr
         if full or len(buf) + abi.dirent_size(namelen, plus) > size:
             full = True
-            returned[a.st_ino] += 1
+            if not d.bare:
+                returned[a.st_ino] += 1
             return False
         dtype = (a.st_mode >> 12) & 0o17
         if plus:
+            # A bare entry: node id 0, the kernel lists it and instantiates nothing.
+            nodeid = 0 if d.bare else a.st_ino
             buf.extend(_DIRENTPLUS_HEAD.pack(
-                a.st_ino, e.generation, *_split_timeouts(e.entry_timeout, e.attr_timeout),
+                nodeid, e.generation, *_split_timeouts(e.entry_timeout, e.attr_timeout),
                 *_attr_fields(a), a.st_ino, d.next_off, namelen, dtype))
         else:
             buf.extend(abi.DIRENT_HEAD.pack(a.st_ino, d.next_off, namelen, dtype))
         buf.extend(name)
         buf.extend(_PADS[-len(buf) & 7])
         accepted += 1
-        if name in _DOTS or not plus:
+        if (name in _DOTS or not plus) and not d.bare:
             returned[d.entry.ino] += 1
         return True
 
@@ -561,7 +564,7 @@ def _count_plus_entries(buf: bytearray, into: Counter[int]) -> None:
         fields = _DIRENTPLUS_HEAD.unpack_from(buf, pos)
         namelen = fields[-2]
         name = bytes(buf[pos + _DIRENTPLUS_HEAD.size:pos + _DIRENTPLUS_HEAD.size + namelen])
-        if name not in _DOTS:
+        if name not in _DOTS and fields[0]:  # node id 0: a bare entry, no reference
             into[fields[0]] += 1
         pos += abi.dirent_size(namelen, True)
 

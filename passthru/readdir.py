@@ -17,6 +17,13 @@ references are then taken on the loop, one per entry handed to ``reply``, and th
 entries that did not fit are closed. An entry that vanished since the snapshot is
 skipped. The batch size follows how many entries the kernel's buffer took last time, so
 little work is thrown away.
+
+Out of file descriptors (EMFILE/ENFILE: every inode the kernel holds costs an O_PATH fd,
+so a directory bigger than RLIMIT_NOFILE cannot give each entry one), an entry is made
+without one: the inode the kernel already holds for it, or a bare entry (name, d_ino and
+type; node id 0, so the kernel instantiates nothing and looks the name up when it needs
+it). The listing completes instead of failing; stat of such a name may still meet EMFILE
+until the kernel forgets other inodes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from backingfs import syscalls
+from backingfs.attrs import Attr
 from backingfs.dirents import DOT_ENTRIES, DirItem, DirSnapshot, reply_dots, scandir_names
 from backingfs.fsapi import Caller, DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
@@ -50,8 +58,12 @@ _MAX_BATCH = 1024
 _INLINE_DIR_BYTES = 16384
 _INLINE_BATCH = 64
 
-#: One entry prepared in a worker: (O_PATH fd, stat) or the OSError it gave.
+#: One entry prepared in a worker: (O_PATH fd, stat) or the OSError it gave. Fd -1: the
+#: daemon is out of file descriptors, the stat is of the name (``_without_fd``).
 _Prepared = tuple[int, os.stat_result] | OSError
+
+#: Out of file descriptors (the process's, or the system's).
+_NO_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 class DirHandle(Handle):
@@ -80,6 +92,12 @@ def _prepare(dir_fd: int, names: list[bytes]) -> list[_Prepared]:
         try:
             fd = syscalls.open_path(dir_fd, name)
         except OSError as e:
+            if e.errno in _NO_FDS:
+                try:
+                    out.append((-1, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
+                except OSError as e2:
+                    out.append(e2)
+                continue
             out.append(e)
             continue
         try:
@@ -92,8 +110,21 @@ def _prepare(dir_fd: int, names: list[bytes]) -> list[_Prepared]:
 
 def _close_prepared(prepared: list[_Prepared]) -> None:
     for p in prepared:
-        if not isinstance(p, OSError):
+        if not isinstance(p, OSError) and p[0] >= 0:
             os.close(p[0])
+
+
+def _without_fd(fs: PassthruFs, name: bytes, st: os.stat_result) -> Entry | DirEntry:
+    """The entry of ``name`` (stat ``st``) when no fd is left to make it an inode of its
+    own: the inode the kernel already holds for the object, with one more reference, or
+    else a bare entry (no inode, no reference: the kernel looks the name up when it needs
+    it, and the listing goes on; d_ino is the st_ino that lookup will most likely give)."""
+    known = fs.inodes.find((st.st_dev, st.st_ino))
+    if known is not None:
+        fs.inodes.ref(known.ino)
+        return make_entry(fs, known, st)
+    attr = Attr(st_ino=st.st_ino, st_mode=stat.S_IFMT(st.st_mode))
+    return DirEntry(name, Entry(attr, 0.0, 0.0), 0, bare=True)
 
 
 async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> None:
@@ -108,9 +139,17 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
         handle.is_delivered = False
     snapshot = handle.snapshot
 
-    def dot_entry(name: bytes) -> Entry:
-        fd, st = lookup_fd(fs, inode, name)
+    def dot_entry(name: bytes) -> Entry | DirEntry:
         handle.is_delivered = True
+        if name == b"." or inode is fs.inodes.root:  # the inode itself: no fd to open
+            fs.inodes.ref(inode.ino)
+            return make_entry(fs, inode, os.fstat(inode.fd))
+        try:
+            fd, st = lookup_fd(fs, inode, name)
+        except OSError as e:
+            if e.errno not in _NO_FDS:
+                raise
+            return _without_fd(fs, name, os.stat(name, dir_fd=inode.fd, follow_symlinks=False))
         return make_entry(fs, install(fs, fd, st), st)
 
     start = reply_dots(off, dot_entry, reply)
@@ -137,14 +176,19 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
                     raise p
                 return  # an errno now would lose the references already delivered
             fd, st = p
-            try:
-                entry_inode = install(fs, fd, st)
-            except BaseException:
-                _close_prepared(prepared[i + 1:])
-                raise
+            if fd < 0:
+                made = _without_fd(fs, item.name, st)
+            else:
+                try:
+                    made = make_entry(fs, install(fs, fd, st), st)
+                except BaseException:
+                    _close_prepared(prepared[i + 1:])
+                    raise
+            d = (made._replace(next_off=item.next_off + DOT_ENTRIES)
+                 if isinstance(made, DirEntry)
+                 else DirEntry(item.name, made, item.next_off + DOT_ENTRIES))
             handle.is_delivered = True
-            if not reply(DirEntry(item.name, make_entry(fs, entry_inode, st),
-                                  item.next_off + DOT_ENTRIES)):
+            if not reply(d):
                 # The kernel's buffer is full; the bridge gives back this reference.
                 _close_prepared(prepared[i + 1:])
                 handle.batch = min(max(accepted + 1, _MIN_BATCH), _MAX_BATCH)

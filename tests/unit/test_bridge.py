@@ -76,8 +76,12 @@ class FakeFs(Filesystem):
             if self.fail_after is not None and i == self.fail_after:
                 raise OSError(errno.EIO, "backing readdir failed")
             name = {0: b".", 1: b".."}.get(i, b"f%d" % i) if self.dots else b"f%d" % i
-            if not reply(DirEntry(name, file_entry(100 + i), i + 1)) and self.stop_on_false:
+            bare = self.bare_from is not None and i >= self.bare_from
+            if not reply(DirEntry(name, file_entry(100 + i), i + 1, bare=bare)) \
+                    and self.stop_on_false:
                 return
+
+    bare_from: int | None = None
 
     dots = False
 
@@ -196,6 +200,26 @@ def test_readdir_all_accepted_forgets_nothing(monkeypatch: pytest.MonkeyPatch) -
     fs = FakeFs(count=10)
     fake = readdir(fs, monkeypatch, reject_at=100, start=4)
     assert len(fake.calls) == 6
+    assert fs.forgotten == []
+
+
+def test_readdir_ends_at_a_bare_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyfuse3 cannot send an entry without an inode: the listing ends before it (the kernel
+    # asks again from there), and a bare entry has no reference to give back.
+    fs = FakeFs(count=10)
+    fs.bare_from = 4
+    fs.stop_on_false = False
+    fake = readdir(fs, monkeypatch, reject_at=100)
+    assert [c[0] for c in fake.calls] == [b"f0", b"f1", b"f2", b"f3"]
+    assert fs.forgotten == []
+
+
+def test_readdir_of_a_bare_entry_first_is_emfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = FakeFs(count=10)
+    fs.bare_from = 0
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        readdir(fs, monkeypatch, reject_at=100)
+    assert exc.value.errno == errno.EMFILE
     assert fs.forgotten == []
 
 

@@ -393,6 +393,61 @@ def test_readdirplus_fills_to_size_and_settles_references(sess: PipeSession) -> 
     assert forgotten == {1: 2, 2: 1}
 
 
+class BareFs(FakeFs):
+    """Every odd entry is bare (no inode, no reference), as passthru makes them when it is
+    out of file descriptors."""
+
+    async def readdir(self, fh: int, off: int, reply: ReaddirReply) -> None:
+        for i in range(off, 100):
+            if i % 2:
+                attr = Attr(st_ino=500 + i, st_mode=stat.S_IFREG)
+                d = DirEntry(b"b%03d" % i, Entry(attr, 0.0, 0.0), i + 1, bare=True)
+            else:
+                d = DirEntry(b"n%03d" % i, Entry(FILE), i + 1)
+            if not reply(d):
+                break
+
+
+def _plus_entries(body: bytes) -> list[tuple[int, int, bytes]]:
+    """(node id, d_ino, name) of each READDIRPLUS entry."""
+    out, pos = [], 0
+    while pos < len(body):
+        nodeid = struct.unpack_from("=Q", body, pos)[0]
+        d_ino, _, namelen = struct.unpack_from("=QQI", body, pos + 128)
+        out.append((nodeid, d_ino, body[pos + 152:pos + 152 + namelen]))
+        pos += abi.dirent_size(namelen, True)
+    return out
+
+
+@pytest.mark.parametrize(("size", "listed", "given_back", "undone"), [
+    (4096, 25, 0, 13),      # 25 fit (160 bytes each), the bare 26th is refused: no reference
+    (3900, 24, 1, 12 + 1),  # 24 fit, the 25th (an inode) is refused: its reference back
+    (8 * 4096, 100, 0, 50),  # all fit
+])
+def test_readdirplus_bare_entries_carry_node_id_0_and_no_reference(
+        size: int, listed: int, given_back: int, undone: int) -> None:
+    s = PipeSession(BareFs())
+    try:
+        trio.run(s._dispatch, request(abi.Op.READDIRPLUS, 1,
+                                      abi.READ_IN.pack(3, 0, size, 0, 0, 0, 0)))
+        error, _, body = s.take()
+        entries = _plus_entries(body)
+        assert error == 0 and len(entries) == listed
+        assert entries[:2] == [(2, 2, b"n000"), (0, 501, b"b001")]
+        assert all((nodeid == 0) == name.startswith(b"b") for nodeid, _, name in entries)
+        assert sum(n for _, n in s.fs.forgotten) == given_back
+        # A reply the kernel did not take: the inode entries' references come back, and
+        # the refused one's; bare entries had none.
+        s.fs.forgotten.clear()
+        s.interrupted = True
+        trio.run(s._dispatch, request(abi.Op.READDIRPLUS, 1,
+                                      abi.READ_IN.pack(3, 0, size, 0, 0, 0, 0)))
+        assert sum(n for _, n in s.fs.forgotten) == undone
+    finally:
+        os.close(s.rfd)
+        os.close(s.fd)
+
+
 def test_getxattr_size_protocol_and_setxattr_flags(sess: PipeSession) -> None:
     sess.fs.xattrs[b"user.a"] = b"12345"
     trio.run(sess._dispatch, request(abi.Op.GETXATTR, 2, abi.GETXATTR_IN.pack(0, 0) + b"user.a\0"))
