@@ -89,8 +89,17 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
                           caller.uid == 0, apply_umask=False)
     src_fd = link_src.upper if link_src is not None else None
-    _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid, gid, over_whiteout,
-               src_fd)
+    made = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid, gid,
+                      over_whiteout, src_fd)
+    if made is not None:
+        # What a resolve would find now, known without asking: an upper non-directory,
+        # ours, with no origin record. Its identity is the object we made even if the name
+        # changed meanwhile.
+        path_fd, st = made
+        assert sb.layers.upper is not None
+        res = Resolved(st=st, upper=path_fd,
+                       st_ino=sb.layers.st_ino(sb.layers.upper, st.st_ino))
+        return adopt(sb, parent, name, res)
     res = resolve(sb, parent, name)
     if not res.exists:
         res.close()
@@ -100,13 +109,18 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
 
 def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int, rdev: int,
                target: bytes, uid: int, gid: int, over_whiteout: bool,
-               src_fd: int | None) -> None:
-    aufs = wo.has_aufs_whiteout(parent_fd, name)
+               src_fd: int | None) -> tuple[int, os.stat_result] | None:
+    """Make the object; for a plain regular file made in place (the common create), its
+    O_PATH fd and stat, else None (the caller resolves the name)."""
+    # resolve() reports an upper .wh.NAME as a whiteout: only then can one be there.
+    aufs = over_whiteout and wo.has_aufs_whiteout(parent_fd, name)
     entry_whiteout = over_whiteout and not aufs  # an object sits at ``name`` on the upper
     opaque = kind == KIND_DIR and over_whiteout
     in_work = entry_whiteout or opaque
     assert sb.work_fd is not None
     dir_fd, nm = (sb.work_fd, sb.tmp_name()) if in_work else (parent_fd, name)
+    if kind == KIND_REG and not in_work and sb.owners is None:
+        return _make_file_sync(sb, parent_fd, name, mode, uid, gid, aufs)
     if kind == KIND_REG:
         os.close(os.open(nm, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=dir_fd))
@@ -148,6 +162,31 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
     if aufs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+    return None
+
+
+def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid: int,
+                    gid: int, aufs: bool) -> tuple[int, os.stat_result]:
+    """A regular file made in place, owner and mode set through the fd that created it
+    (chown first: it clears set-id bits). Returns its O_PATH fd and stat."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                 dir_fd=parent_fd)
+    try:
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            st = os.fstat(fd)
+            path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=parent_fd)
+            raise
+    finally:
+        os.close(fd)
+    if aufs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+    return path_fd, st
 
 
 async def mknod(sb: Superblock, parent: OvlInode, name: bytes, mode: int, rdev: int,
