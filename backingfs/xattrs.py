@@ -2,13 +2,15 @@
 
 Two ways to name the object, matching how backing objects are held:
 
-* ``f*xattr(fd, ...)``: an fd of the object itself. A read/write fd uses the f*xattr
-  syscalls. An O_PATH fd (what lookups hold, and the only fd a symlink or device node can
-  have without opening it) answers EBADF to those, so the call is retried through the fd's
-  /proc magic link ``/proc/self/fd/N``. The magic link is *followed* (that is the jump to the
-  fd's object) and the kernel does not then follow the object even if it is a symlink, so
-  this reaches a symlink's own xattrs; with follow_symlinks=False the call would act on the
-  procfs link itself and fail with ENODATA/EOPNOTSUPP.
+* ``f*xattr(fd, ...)``: an fd of the object itself, O_PATH included (what lookups hold,
+  and the only fd a symlink or device node can have without opening it). The f*xattr
+  syscalls answer EBADF for an O_PATH fd, so every call goes through the fd's /proc magic
+  link ``/proc/self/fd/N``, which reaches the object for any kind of fd: one syscall, where
+  trying the fd first cost three (the call, an fcntl to tell why it failed, the retry) for
+  the O_PATH fds that are most of ours. The magic link is *followed* (that is the jump to
+  the fd's object) and the kernel does not then follow the object even if it is a symlink,
+  so this reaches a symlink's own xattrs; with follow_symlinks=False the call would act on
+  the procfs link itself and fail with ENODATA/EOPNOTSUPP.
 * ``*xattrat(dir_fd, name, ...)``: an entry in a directory held by fd (any kind, O_PATH
   included), reached as ``/proc/self/fd/DIR/NAME`` with follow_symlinks=False (the l*xattr
   syscalls), so a symlink entry is never followed. ``name`` must be one path component.
@@ -24,58 +26,46 @@ All functions block (they are syscalls); call them from worker threads.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 #: setxattr flags: fail with EEXIST if the name exists / with ENODATA if it does not.
 XATTR_CREATE = os.XATTR_CREATE
 XATTR_REPLACE = os.XATTR_REPLACE
 
 Name = str | bytes
+T = TypeVar("T")
 
 
 def fgetxattr(fd: int, name: Name) -> bytes:
     """The value of ``name`` on the object of ``fd`` (O_PATH fds allowed)."""
-    try:
-        return os.getxattr(fd, name)
-    except OSError as e:
-        if not _is_o_path(fd, e):
-            raise
-    return os.getxattr(_proc_fd(fd), name, follow_symlinks=True)
+    return _on_fd(os.getxattr, fd, name)
 
 
 def flistxattr(fd: int) -> list[bytes]:
     """The xattr names on the object of ``fd`` (O_PATH fds allowed), in kernel order."""
-    try:
-        names = os.listxattr(fd)
-    except OSError as e:
-        if not _is_o_path(fd, e):
-            raise
-        names = os.listxattr(_proc_fd(fd), follow_symlinks=True)
-    return [os.fsencode(n) for n in names]
+    return [os.fsencode(n) for n in _on_fd(os.listxattr, fd)]
 
 
 def fsetxattr(fd: int, name: Name, value: bytes, flags: int = 0) -> None:
     """Set ``name`` to ``value`` on the object of ``fd``; ``flags`` is 0, XATTR_CREATE or
     XATTR_REPLACE."""
-    try:
-        os.setxattr(fd, name, value, flags)
-        return
-    except OSError as e:
-        if not _is_o_path(fd, e):
-            raise
-    os.setxattr(_proc_fd(fd), name, value, flags, follow_symlinks=True)
+    _on_fd(os.setxattr, fd, name, value, flags)
 
 
 def fremovexattr(fd: int, name: Name) -> None:
     """Remove ``name`` from the object of ``fd`` (ENODATA if it is not there)."""
+    _on_fd(os.removexattr, fd, name)
+
+
+def _on_fd(call: Callable[..., T], fd: int, *args: object) -> T:
     try:
-        os.removexattr(fd, name)
-        return
-    except OSError as e:
-        if not _is_o_path(fd, e):
-            raise
-    os.removexattr(_proc_fd(fd), name, follow_symlinks=True)
+        return call(b"/proc/self/fd/%d" % fd, *args, follow_symlinks=True)
+    except FileNotFoundError:
+        # No such magic link: fd is not open (an open fd's link reaches its object even
+        # after the object was unlinked).
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
 
 
 def getxattrat(dir_fd: int, entry: Name, name: Name) -> bytes:
@@ -97,20 +87,6 @@ def setxattrat(dir_fd: int, entry: Name, name: Name, value: bytes, flags: int = 
 def removexattrat(dir_fd: int, entry: Name, name: Name) -> None:
     """Remove ``name`` from ``entry`` in the directory ``dir_fd``, not following it."""
     os.removexattr(_proc_entry(dir_fd, entry), name, follow_symlinks=False)
-
-
-def _is_o_path(fd: int, err: OSError) -> bool:
-    """Whether ``err`` (from an f*xattr call) is the EBADF an O_PATH fd gives."""
-    if err.errno != errno.EBADF:
-        return False
-    try:
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
-    except OSError:
-        return False  # a truly bad fd: keep the original EBADF
-
-
-def _proc_fd(fd: int) -> bytes:
-    return b"/proc/self/fd/%d" % fd
 
 
 def _proc_entry(dir_fd: int, entry: Name) -> bytes:
