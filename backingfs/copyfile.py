@@ -65,7 +65,8 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
 
     See the module docstring for the method order and the contract on ``dst_fd``.
     """
-    src_size = os.fstat(src_fd).st_size
+    src_st = os.fstat(src_fd)
+    src_size = src_st.st_size
     if size is None:
         size = src_size
     if size < 0:
@@ -79,8 +80,14 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
         stats.bytes_copied = size
         stats.extents = 1
         return stats
+    # Blocks for every byte: no hole to find (most files), so no SEEK_DATA/SEEK_HOLE. (Only
+    # a file with blocks allocated past its end, fallocate KEEP_SIZE, and a hole inside
+    # could pass for dense: its hole is then copied as zeros, the content the same.)
+    dense = src_st.st_blocks * 512 >= src_size
+    extents = [(0, size)] if dense else data_extents(src_fd, size)
     use_copy_file_range = True
-    for start, end in data_extents(src_fd, size):
+    pos = 0
+    for start, end in extents:
         stats.extents += 1
         pos = start
         if use_copy_file_range:
@@ -89,8 +96,10 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
             stats.method = METHOD_READ_WRITE
             pos = _copy_range_rw(src_fd, dst_fd, pos, end)
         stats.bytes_copied += pos - start
-    # A trailing hole has no data extent to write, so only the size records it.
-    os.ftruncate(dst_fd, size)
+    if pos != size:
+        # A trailing hole has no data extent to write (or the source shrank under us):
+        # only the size records it. A fresh dst written up to ``size`` has that size.
+        os.ftruncate(dst_fd, size)
     return stats
 
 

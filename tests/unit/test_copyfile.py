@@ -193,3 +193,25 @@ def test_clone_used_when_available(fds, monkeypatch: pytest.MonkeyPatch) -> None
     assert seen == [(d, copyfile.FICLONE, s)]
     assert stats == CopyStats(method="clone", bytes_copied=3, extents=1)
     assert dst.read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("size", [None, 4000])
+def test_dense_file_needs_no_hole_search_nor_truncate(fds, monkeypatch: pytest.MonkeyPatch,
+                                                      size: int | None) -> None:
+    """A file with a block for every byte (most files) has no hole to look for: one extent,
+    no SEEK_DATA/SEEK_HOLE, and no ftruncate once the copy reached the size."""
+    src, dst, opened = fds
+    data = os.urandom(10000)
+    src.write_bytes(data)
+    os.sync()  # blocks allocated, not only reserved
+    s, d = _open_pair(src, dst, opened)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("not needed for a dense file")
+
+    monkeypatch.setattr(copyfile, "_try_clone", lambda s, d: False)
+    monkeypatch.setattr(copyfile, "data_extents", refuse)
+    monkeypatch.setattr(copyfile.os, "ftruncate", refuse)
+    stats = copy_data(s, d, size)
+    assert stats.extents == 1
+    assert dst.read_bytes() == data[:size]
