@@ -27,6 +27,8 @@ import fcntl
 import os
 from dataclasses import dataclass
 
+from .syscalls import start_writeback
+
 #: _IOW(0x94, 9, int): share all extents of the source fd with the destination fd.
 FICLONE = 0x40049409
 
@@ -60,10 +62,14 @@ class CopyStats:
     extents: int = 0
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
+def copy_data(src_fd: int, dst_fd: int, size: int | None = None, *,
+              writeback: bool = False) -> CopyStats:
     """Copy the first ``size`` bytes (default: all) of ``src_fd`` to ``dst_fd``, keeping holes.
 
-    See the module docstring for the method order and the contract on ``dst_fd``.
+    ``writeback``: the caller will fsync ``dst_fd``; start the disk writes of each chunk as
+    soon as it is copied, so that they overlap the rest of the copy instead of all waiting
+    for the fsync. See the module docstring for the method order and the contract on
+    ``dst_fd``.
     """
     src_st = os.fstat(src_fd)
     src_size = src_st.st_size
@@ -91,10 +97,11 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None) -> CopyStats:
         stats.extents += 1
         pos = start
         if use_copy_file_range:
-            pos, use_copy_file_range = _copy_range_kernel(src_fd, dst_fd, pos, end)
+            pos, use_copy_file_range = _copy_range_kernel(src_fd, dst_fd, pos, end,
+                                                          writeback)
         if not use_copy_file_range:
             stats.method = METHOD_READ_WRITE
-            pos = _copy_range_rw(src_fd, dst_fd, pos, end)
+            pos = _copy_range_rw(src_fd, dst_fd, pos, end, writeback)
         stats.bytes_copied += pos - start
     if pos != size:
         # A trailing hole has no data extent to write (or the source shrank under us):
@@ -144,7 +151,8 @@ def _try_clone(src_fd: int, dst_fd: int) -> bool:
     return True
 
 
-def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int) -> tuple[int, bool]:
+def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int,
+                       writeback: bool) -> tuple[int, bool]:
     """copy_file_range over ``[pos, end)``; returns (position reached, still usable)."""
     while pos < end:
         try:
@@ -155,19 +163,31 @@ def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int) -> tuple[in
             raise
         if n == 0:  # source truncated under us: nothing more to copy
             return pos, True
+        if writeback:
+            _start_writeback(dst_fd, pos, n)
         pos += n
     return pos, True
 
 
-def _copy_range_rw(src_fd: int, dst_fd: int, pos: int, end: int) -> int:
+def _copy_range_rw(src_fd: int, dst_fd: int, pos: int, end: int, writeback: bool) -> int:
     """pread/pwrite over ``[pos, end)``; returns the position reached."""
     while pos < end:
         chunk = os.pread(src_fd, min(CHUNK, end - pos), pos)
         if not chunk:  # source truncated under us
             return pos
         view = memoryview(chunk)
+        start = pos
         while view:
             n = os.pwrite(dst_fd, view, pos)
             view = view[n:]
             pos += n
+        if writeback:
+            _start_writeback(dst_fd, start, pos - start)
     return pos
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    try:
+        start_writeback(fd, offset, length)
+    except OSError:
+        pass  # only a head start: the caller's fsync writes and reports everything

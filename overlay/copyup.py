@@ -192,7 +192,7 @@ def _make_copy(sb: Superblock, work: int, tmp: bytes, src_fd: int, st: os.stat_r
                           dir_fd=work)
             try:
                 length = st.st_size if size is None else min(size, st.st_size)
-                copy_data(src, dst, length)
+                copy_data(src, dst, length, writeback=sb.sync.is_syncing)
                 if sb.sync.is_syncing:
                     os.fsync(dst)
             finally:

@@ -215,3 +215,29 @@ def test_dense_file_needs_no_hole_search_nor_truncate(fds, monkeypatch: pytest.M
     stats = copy_data(s, d, size)
     assert stats.extents == 1
     assert dst.read_bytes() == data[:size]
+
+
+@pytest.mark.parametrize("forced_rw", [False, True])
+def test_writeback_starts_each_chunk_and_copies_the_same(
+        fds, monkeypatch: pytest.MonkeyPatch, forced_rw: bool) -> None:
+    """writeback=True (copy-up before its fsync): the disk writes of every copied chunk
+    are started as the copy goes, covering the file once, and the copy is the same."""
+    src, dst, opened = fds
+    data = os.urandom(3 * copyfile.CHUNK + 12345)
+    src.write_bytes(data)
+    s, d = _open_pair(src, dst, opened)
+    if forced_rw:
+        _force_read_write(monkeypatch)
+    started: list[tuple[int, int]] = []
+    real = copyfile.start_writeback
+
+    def record(fd: int, offset: int, length: int) -> None:
+        assert fd == d
+        started.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(copyfile, "start_writeback", record)
+    copy_data(s, d, writeback=True)
+    assert dst.read_bytes() == data
+    assert len(started) == 4
+    assert sorted(started)[0][0] == 0 and sum(n for _, n in started) == len(data)
