@@ -4,8 +4,9 @@
 
 1. parents first: the parent directory is copied up (recursively) before the child;
 2. one copy-up per inode: ``inode.copy_up_lock``, and "already up?" re-checked after it;
-3. in a worker thread (inline when the object is small and no other request waits for
-   the loop, see ``_INLINE_BYTES``), in ``workdir/work/#TMP``: the object (data via
+3. in a worker thread (inline when the object is small, the mount does not fsync and
+   no other request waits for the loop, see ``_INLINE_BYTES``), in ``workdir/work/#TMP``:
+   the object (data via
    ``backingfs.copyfile.copy_data``: reflink, copy_file_range over data extents, holes
    kept; only the first ``size`` bytes when a truncate asked for it), fsync unless the
    mount does not sync, then xattrs (all but overlay-private ones; EOPNOTSUPP skipped
@@ -55,9 +56,10 @@ if TYPE_CHECKING:
     from .superblock import Superblock
 
 #: A copy-up of at most this many bytes runs on the loop thread when no other request is
-#: waiting (``PRESSURE``): a worker round trip costs 100-200 µs on a small VM, about as much
-#: as copying 16 KiB and a sizeable part of its fsync. A bigger one, or one while others
-#: wait, goes to a worker so that it cannot stall them.
+#: waiting (``PRESSURE``) and the mount does not fsync copies (fsync=0, volatile): a worker
+#: round trip costs 100-200 us on a small VM, but an fsync may wait seconds for a journal
+#: commit and would stall every request. A bigger one, or one while others wait, or one
+#: that fsyncs, goes to a worker.
 _INLINE_BYTES = 128 << 10
 
 #: Xattr namespaces that must copy, or the copy-up fails (reference §B.6 step 4).
@@ -98,7 +100,8 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
         origin = inode.key if isinstance(inode.key, int) else None
         args = (sb, parent.upper, inode.name, inode.lowers[0].fd,
                 inode.lowers[0].layer.index, origin, size)
-        if _is_small(inode.lowers[0].fd, size) and PRESSURE.is_idle():
+        if (not sb.sync.is_syncing and _is_small(inode.lowers[0].fd, size)
+                and PRESSURE.is_idle()):
             upper, st = _copy_up_sync(*args)
         else:
             upper, st = await trio.to_thread.run_sync(_copy_up_sync, *args)

@@ -142,8 +142,9 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
     def dot_entry(name: bytes) -> Entry | DirEntry:
         handle.is_delivered = True
         if name == b"." or inode is fs.inodes.root:  # the inode itself: no fd to open
+            st = os.fstat(inode.fd)
             fs.inodes.ref(inode.ino)
-            return make_entry(fs, inode, os.fstat(inode.fd))
+            return make_entry(fs, inode, st)
         try:
             fd, st = lookup_fd(fs, inode, name)
         except OSError as e:
