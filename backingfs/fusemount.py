@@ -15,7 +15,6 @@ What libfuse 3.14's ``fuse_kern_mount`` does, in the parts our CLIs use:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -24,6 +23,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from . import syscalls
 from .options import parse_option
 
 MS_RDONLY = 1
@@ -104,10 +104,6 @@ def mount_spec(options: Iterable[str]) -> MountSpec:
     return spec
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def mount_device(mountpoint: str, spec: MountSpec) -> int:
     """Open /dev/fuse and mount it on ``mountpoint``; returns the device fd (CLOEXEC).
 
@@ -125,7 +121,7 @@ def _mount_root(mountpoint: str, spec: MountSpec) -> int:
         data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFMT(st.st_mode):o}",
                          f"user_id={os.getuid()}", f"group_id={os.getgid()}", *spec.data])
         source = spec.fsname or spec.fstype
-        libc = _libc()
+        libc = syscalls.libc
         res = libc.mount(source.encode(), mountpoint.encode(), spec.fstype.encode(),
                          ctypes.c_ulong(spec.flags), data.encode())
         if res != 0:
@@ -171,7 +167,7 @@ def _mount_fusermount(mountpoint: str, spec: MountSpec) -> int:
 def unmount(mountpoint: str) -> None:
     """Lazily detach our mount. Raises OSError when that fails."""
     if os.geteuid() == 0:
-        libc = _libc()
+        libc = syscalls.libc
         if libc.umount2(mountpoint.encode(), MNT_DETACH) != 0:
             err = ctypes.get_errno()
             if err in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)

@@ -17,7 +17,19 @@ import ctypes.util
 import errno
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    # find_library("c") runs `ldconfig -p` in a subprocess: a fork of the daemon, which
+    # must not happen at mount or unmount (a signal in that window hit trio's closed
+    # wakeup fd). glibc's soname is fixed; the lookup is only a fallback.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+libc = _load_libc()
+_libc = libc
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000

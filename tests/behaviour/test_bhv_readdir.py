@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import stat
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ class _Dirent(ctypes.Structure):
                 ("d_name", ctypes.c_char * 256)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.opendir.argtypes = [ctypes.c_char_p]
 _libc.opendir.restype = ctypes.c_void_p
 _libc.readdir.argtypes = [ctypes.c_void_p]
