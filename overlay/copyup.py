@@ -4,8 +4,8 @@
 
 1. parents first: the parent directory is copied up (recursively) before the child;
 2. one copy-up per inode: ``inode.copy_up_lock``, and "already up?" re-checked after it;
-3. in a worker thread (inline when the object is small, the mount does not fsync and
-   no other request waits for the loop, see ``_INLINE_BYTES``), in ``workdir/work/#TMP``:
+3. in a worker thread (on the loop when the object is small and no other request waits
+   for it, with the fsync on the io_uring, see ``_INLINE_BYTES``), in ``workdir/work/#TMP``:
    the object (data via
    ``backingfs.copyfile.copy_data``: reflink, copy_file_range over data extents, holes
    kept; only the first ``size`` bytes when a truncate asked for it), fsync unless the
@@ -39,6 +39,7 @@ import contextlib
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,6 +47,7 @@ import trio
 from backingfs import xattrs as bxattrs
 from backingfs.copyfile import copy_data
 from backingfs.pressure import PRESSURE
+from backingfs.sync import fsync_queued
 from backingfs.syscalls import RENAME_NOREPLACE, open_path, renameat2, reopen, utimens
 
 from . import xattrs as oxattrs
@@ -56,10 +58,10 @@ if TYPE_CHECKING:
     from .superblock import Superblock
 
 #: A copy-up of at most this many bytes runs on the loop thread when no other request is
-#: waiting (``PRESSURE``) and the mount does not fsync copies (fsync=0, volatile): a worker
-#: round trip costs 100-200 us on a small VM, but an fsync may wait seconds for a journal
-#: commit and would stall every request. A bigger one, or one while others wait, or one
-#: that fsyncs, goes to a worker.
+#: waiting (``PRESSURE``): a worker round trip costs 100-200 us on a small VM. Its fsync
+#: (which may wait seconds for a journal commit) never blocks the loop: it goes to the
+#: io_uring, or a worker (``fsync_queued``). A bigger copy-up, or one while others wait,
+#: runs in a worker.
 _INLINE_BYTES = 128 << 10
 
 #: Xattr namespaces that must copy, or the copy-up fails (reference §B.6 step 4).
@@ -100,11 +102,12 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
         origin = inode.key if isinstance(inode.key, int) else None
         args = (sb, parent.upper, inode.name, inode.lowers[0].fd,
                 inode.lowers[0].layer.index, origin, size)
-        if (not sb.sync.is_syncing and _is_small(inode.lowers[0].fd, size)
-                and PRESSURE.is_idle()):
-            upper, st = _copy_up_sync(*args)
-        else:
+        if not _is_small(inode.lowers[0].fd, size) or not PRESSURE.is_idle():
             upper, st = await trio.to_thread.run_sync(_copy_up_sync, *args)
+        elif sb.sync.is_syncing:
+            upper, st = await _copy_up_inline(*args)
+        else:
+            upper, st = _copy_up_sync(*args)
         if inode.upper is None:
             inode.upper = upper
         else:
@@ -143,21 +146,94 @@ def _is_small(fd: int, size: int | None) -> bool:
     return min(st.st_size, size if size is not None else st.st_size) <= _INLINE_BYTES
 
 
+@dataclass
+class _Copy:
+    """A copy-up between its halves: the object made in work/ under ``tmp``, its data (a
+    regular file on a syncing mount) still open in ``dst`` for the fsync."""
+
+    work: int
+    tmp: bytes
+    st: os.stat_result
+    parent_st: os.stat_result
+    dst: int | None
+
+
 def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int, src_layer: int,
                   origin: int | None, size: int | None) -> tuple[int, os.stat_result]:
     """Steps 3-5 of the module docstring; returns (O_PATH fd of the new upper object, the
-    source's stat). Blocking."""
+    source's stat). Blocking: a worker thread, or the loop for a small copy that is not
+    synced."""
+    copy = _make_copy(sb, parent_fd, src_fd, size, writeback=True)
+    try:
+        if copy.dst is not None:
+            os.fsync(copy.dst)
+        return _publish(sb, copy, parent_fd, name, src_fd, src_layer, origin)
+    except BaseException:
+        _discard(copy)
+        raise
+
+
+async def _copy_up_inline(sb: Superblock, parent_fd: int, name: bytes, src_fd: int,
+                          src_layer: int, origin: int | None,
+                          size: int | None) -> tuple[int, os.stat_result]:
+    """``_copy_up_sync`` on the loop for a small object, the fsync off it (on the io_uring,
+    else a worker): no thread round trip for the rest."""
+    copy = _make_copy(sb, parent_fd, src_fd, size, writeback=False)
+    try:
+        if copy.dst is not None:
+            await fsync_queued(copy.dst, False)
+        return _publish(sb, copy, parent_fd, name, src_fd, src_layer, origin)
+    except BaseException:
+        _discard(copy)
+        raise
+
+
+def _make_copy(sb: Superblock, parent_fd: int, src_fd: int, size: int | None, *,
+               writeback: bool) -> _Copy:
+    """Step 3 up to the fsync: the object under a new name in work/. ``writeback``: start
+    the disk writes of a big copy while it runs (copyfile.copy_data)."""
     assert sb.work_fd is not None
     work = sb.work_fd
     st = os.fstat(src_fd)
-    parent_st = os.fstat(parent_fd)
-    tmp = sb.tmp_name()
-    created = False
-    fd: int | None = None
+    copy = _Copy(work, sb.tmp_name(), st, os.fstat(parent_fd), None)
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        src = reopen(src_fd, os.O_RDONLY)
+        try:
+            dst = os.open(copy.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                          0o600, dir_fd=work)
+            try:
+                length = st.st_size if size is None else min(size, st.st_size)
+                copy_data(src, dst, length, writeback=writeback and sb.sync.is_syncing)
+            except BaseException:
+                os.close(dst)
+                with contextlib.suppress(OSError):
+                    os.unlink(copy.tmp, dir_fd=work)
+                raise
+        finally:
+            os.close(src)
+        if sb.sync.is_syncing:
+            copy.dst = dst
+        else:
+            os.close(dst)
+    elif stat.S_ISDIR(mode):
+        os.mkdir(copy.tmp, 0o700, dir_fd=work)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink("", dir_fd=src_fd), copy.tmp, dir_fd=work)
+    else:
+        os.mknod(copy.tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work)
+    return copy
+
+
+def _publish(sb: Superblock, copy: _Copy, parent_fd: int, name: bytes, src_fd: int,
+             src_layer: int, origin: int | None) -> tuple[int, os.stat_result]:
+    """Steps 3 (after the fsync) to 5: metadata, the rename, the parent's times."""
+    if copy.dst is not None:
+        dst, copy.dst = copy.dst, None
+        os.close(dst)
+    st = copy.st
+    fd = open_path(copy.work, copy.tmp)
     try:
-        _make_copy(sb, work, tmp, src_fd, st, size)
-        created = True
-        fd = open_path(work, tmp)
         owners = sb.owners
         copy_xattrs(src_fd, fd, sb.prefix,
                     skip=owners.private_names if owners is not None else frozenset())
@@ -170,44 +246,23 @@ def _copy_up_sync(sb: Superblock, parent_fd: int, name: bytes, src_fd: int, src_
             owners.set_owner(fd, owner.uid, owner.gid,
                              None if stat.S_ISLNK(st.st_mode) else owner.perm, os.fstat(fd))
             utimens(fd, st.st_atime_ns, st.st_mtime_ns)
-        renameat2(work, tmp, parent_fd, name, RENAME_NOREPLACE)
-        created = False
-        with contextlib.suppress(OSError):  # best effort, as the kernel
-            utimens(parent_fd, parent_st.st_atime_ns, parent_st.st_mtime_ns)
-        return fd, st
+        renameat2(copy.work, copy.tmp, parent_fd, name, RENAME_NOREPLACE)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                from .superblock import remove_tree_at
-                remove_tree_at(work, tmp)
+        os.close(fd)
         raise
+    with contextlib.suppress(OSError):  # best effort, as the kernel
+        utimens(parent_fd, copy.parent_st.st_atime_ns, copy.parent_st.st_mtime_ns)
+    return fd, st
 
 
-def _make_copy(sb: Superblock, work: int, tmp: bytes, src_fd: int, st: os.stat_result,
-               size: int | None) -> None:
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        src = reopen(src_fd, os.O_RDONLY)
-        try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=work)
-            try:
-                length = st.st_size if size is None else min(size, st.st_size)
-                copy_data(src, dst, length, writeback=sb.sync.is_syncing)
-                if sb.sync.is_syncing:
-                    os.fsync(dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-    elif stat.S_ISDIR(mode):
-        os.mkdir(tmp, 0o700, dir_fd=work)
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink("", dir_fd=src_fd), tmp, dir_fd=work)
-    else:
-        os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work)
+def _discard(copy: _Copy) -> None:
+    """A copy-up that failed before its rename: nothing of it stays in work/."""
+    if copy.dst is not None:
+        os.close(copy.dst)
+        copy.dst = None
+    with contextlib.suppress(OSError):
+        from .superblock import remove_tree_at
+        remove_tree_at(copy.work, copy.tmp)
 
 
 def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes,

@@ -241,7 +241,7 @@ async def fsync(sb: Superblock, fh: int, datasync: bool) -> None:
             return  # nothing of ours to sync on a lower layer
         file.get()
         try:
-            await trio.to_thread.run_sync(sb.sync.sync, file.fd, datasync)
+            await sb.sync.sync_queued(file.fd, datasync)
         finally:
             file.put()
     finally:

@@ -36,6 +36,7 @@ from backingfs.flags import APPEND, IocbFlags, from_open_flags
 from backingfs.fsapi import Caller, Entry, OpenReply
 from backingfs.handles import Handle
 from backingfs.request import Request
+from backingfs.sync import fsync_queued
 
 from .dir import give_owner
 from .inode import PassthruInode, install, make_entry
@@ -227,8 +228,7 @@ async def fsync(fs: PassthruFs, fh: int, datasync: bool) -> None:
     handle = fs.handles.begin_io(fh)
     try:
         if handle.file is not None:
-            sync = os.fdatasync if datasync else os.fsync
-            await trio.to_thread.run_sync(sync, handle.file.fd)
+            await fsync_queued(handle.file.fd, datasync)
     finally:
         handle.io.end_io()
 

@@ -27,6 +27,7 @@ from backingfs.context import BackingFileCtx
 from backingfs.flags import IocbFlags
 from backingfs.inflight import InFlight
 from backingfs.request import Request
+from backingfs.sync import fsync_queued
 from backingfs.uring import IORING_OP_READ, IORING_OP_WRITE, Uring, buffer_address
 
 REASON = Uring.probe()
@@ -342,3 +343,33 @@ def test_short_ring_writes_and_reads_are_continued_until_done_or_eof(tmp_path: P
     trio.run(main)
     assert p.read_bytes() == bytes(5) + data
     assert live_aios() == 0
+
+
+@pytest.mark.parametrize("datasync", [False, True])
+def test_fsync_queued_goes_through_the_active_ring_and_reports_errors(
+        tmp_path: Path, datasync: bool) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    bad = os.open(tmp_path, os.O_PATH)   # fsync of an O_PATH fd: EBADF
+
+    async def main() -> None:
+        async with running_ring(active=True) as ring:
+            os.write(fd, b"x" * 8192)
+            before = ring.submitted
+            await fsync_queued(fd, datasync)
+            assert ring.submitted == before + 1
+            with pytest.raises(OSError) as exc:
+                await fsync_queued(bad, datasync)
+            assert exc.value.errno == errno.EBADF
+            assert ring.submitted == before + 2
+        # no ring serving this thread: a worker thread does it, with the same errors
+        await fsync_queued(fd, datasync)
+        with pytest.raises(OSError) as exc:
+            await fsync_queued(bad, datasync)
+        assert exc.value.errno == errno.EBADF
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(fd)
+        os.close(bad)
