@@ -327,7 +327,8 @@ class Bridge(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         """Feed the fs a ``reply`` over ``readdir_reply`` and settle lookup references.
 
-        Every DirEntry arrives with one reference. The kernel keeps it for each accepted
+        Every DirEntry but a bare one (which pyfuse3 cannot send: the listing ends there)
+        arrives with one reference. The kernel keeps it for each accepted
         entry except ``.``/``..``; the bridge forgets the rest: the first refused entry and,
         should the fs keep producing, every later one (never offered to the kernel, so the
         listing cannot skip an entry). If the fs fails after entries were accepted, the

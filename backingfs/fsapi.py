@@ -8,9 +8,11 @@ Contracts every implementation keeps:
   exception is a bug: the bridge logs it with its traceback and answers EIO.
 - Every ``Entry`` returned (lookup, mknod, mkdir, symlink, link, create) and every
   ``DirEntry`` handed to a readdir ``reply`` carries **one lookup reference** on its inode,
-  taken by the filesystem (``InodeTable.lookup``/``ref``). The bridge gives back the
-  reference of a readdir entry the kernel did not accept (``reply`` returned False) by
-  calling ``forget``; a filesystem never counts entries itself.
+  taken by the filesystem (``InodeTable.lookup``/``ref``), except a *bare* DirEntry
+  (``bare=True``: name, d_ino and type only, for when no inode can be made, e.g. out of
+  fds), which carries none. The bridge gives back the reference of a readdir entry the
+  kernel did not accept (``reply`` returned False) by calling ``forget``; a filesystem
+  never counts entries itself.
 - ``ino`` numbers are the kernel's node ids and the reported ``st_ino`` at once (pyfuse3
   ties them): never reuse one the kernel may still hold. The root is ``ROOT_INO`` (1).
 - Methods not implemented raise ``OSError(ENOSYS)`` (the default below), except
@@ -148,6 +150,13 @@ class Filesystem:
     #: directory changes through the mount, or when a revalidated mtime differs, so the
     #: staleness is that of the attribute timeout.
     cache_dirs: bool = False
+    #: Directories need no handle (native session, with ``cache_dirs``): OPENDIR is
+    #: answered ENOSYS once, after which the kernel opens directories without asking
+    #: (FUSE_NO_OPENDIR_SUPPORT: no OPENDIR or RELEASEDIR round trips, listings kept in
+    #: its page cache as with ``cache_dirs``) and lists them with ``readdir_inode`` and
+    #: syncs them with ``fsyncdir_inode``, by node id. Offsets must then mean the same in
+    #: every call (getdents.py). ``opendir`` and friends still serve the other front-ends.
+    handleless_dirs: bool = False
     #: Set by the front-end before ``init``: the kernel may serve opens that offer a
     #: ``backing`` fd itself. Their writes then never reach the filesystem, so attributes
     #: must come from the backing file (getattr stats it), not from a cache of our writes.
@@ -247,6 +256,14 @@ class Filesystem:
 
     async def releasedir(self, fh: int) -> None:
         pass
+
+    async def readdir_inode(self, ino: int, off: int, reply: ReaddirReply) -> None:
+        """``readdir`` of directory ``ino`` without a handle (``handleless_dirs``)."""
+        raise _enosys()
+
+    async def fsyncdir_inode(self, ino: int, datasync: bool) -> None:
+        """``fsyncdir`` of directory ``ino`` without a handle (``handleless_dirs``)."""
+        raise _enosys()
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass

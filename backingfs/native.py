@@ -79,6 +79,8 @@ class NativeSession:
         self.suspended: Counter[int] = Counter()
         self.proto_minor = 0
         self.flags = 0  # negotiated
+        #: OPENDIR answered ENOSYS, directories listed by node id (fsapi handleless_dirs)
+        self.handleless_dirs = False
         self.backing = BackingIds(-1, False)
         self.bufsize = native_ops.MAX_WRITE + 64 * 1024
         self._buf = bytearray(self.bufsize)

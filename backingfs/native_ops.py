@@ -7,8 +7,9 @@ itself (``session.reply``) or raises OSError, which the session turns into ``-er
 
 Lookup references: an entry reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE) carries one
 reference taken by the filesystem; when the kernel did not take the reply (interrupted), it
-is forgotten again. READDIRPLUS works as in the bridge: every DirEntry carries a reference,
-given back for entries that did not fit and for ``.``/``..`` (the kernel never counts those).
+is forgotten again. READDIRPLUS works as in the bridge: every DirEntry but a bare one carries
+a reference, given back for entries that did not fit and for ``.``/``..`` (the kernel never
+counts those); a bare entry goes out with node id 0, and the kernel instantiates nothing.
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
         fs.init()
     except Exception:
         log.exception("filesystem init() raised; continuing")
+    s.handleless_dirs = bool(fs.handleless_dirs and fs.cache_dirs
+                             and offered & abi.NO_OPENDIR_SUPPORT)
     for hook in s.init_hooks:
         try:
             hook()
@@ -471,6 +474,9 @@ async def fsync(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
 
 @handler(abi.Op.OPENDIR)
 async def opendir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    if s.handleless_dirs:
+        # FUSE_NO_OPENDIR_SUPPORT: the kernel stops asking, opens with fh 0 (readdir_inode)
+        raise OSError(errno.ENOSYS, "directories need no handle")
     fh = await s.fs.opendir(nodeid, _caller(ids))
     flags = abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE if s.fs.cache_dirs else 0
     if not s.reply(unique, abi.OPEN_OUT.pack(fh, flags, 0)):
@@ -488,22 +494,26 @@ async def releasedir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data:
 @handler(abi.Op.FSYNCDIR)
 async def fsyncdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, flags, _ = abi.FSYNC_IN.unpack_from(data, ARGS)
-    await s.fs.fsyncdir(fh, bool(flags & abi.FSYNC_FDATASYNC))
+    if s.handleless_dirs:
+        await s.fs.fsyncdir_inode(nodeid, bool(flags & abi.FSYNC_FDATASYNC))
+    else:
+        await s.fs.fsyncdir(fh, bool(flags & abi.FSYNC_FDATASYNC))
     s.reply(unique)
 
 
 @handler(abi.Op.READDIRPLUS)
 async def readdirplus(s: NativeSession, unique: int, nodeid: int, ids: Ids,
                       data: bytes) -> None:
-    await _readdir(s, unique, data, plus=True)
+    await _readdir(s, unique, nodeid, data, plus=True)
 
 
 @handler(abi.Op.READDIR)
 async def readdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
-    await _readdir(s, unique, data, plus=False)
+    await _readdir(s, unique, nodeid, data, plus=False)
 
 
-async def _readdir(s: NativeSession, unique: int, data: bytes, *, plus: bool) -> None:
+async def _readdir(s: NativeSession, unique: int, nodeid: int, data: bytes, *,
+                   plus: bool) -> None:
     """Fill up to the kernel's size; settle references as the module docstring says."""
     fh, off, size, _, _, _, _ = abi.READ_IN.unpack_from(data, ARGS)
     buf = bytearray()
@@ -539,7 +549,10 @@ async def _readdir(s: NativeSession, unique: int, data: bytes, *, plus: bool) ->
         return True
 
     try:
-        await s.fs.readdir(fh, off, reply)
+        if s.handleless_dirs:
+            await s.fs.readdir_inode(nodeid, off, reply)
+        else:
+            await s.fs.readdir(fh, off, reply)
     except Exception as e:
         if not accepted:
             raise

@@ -1,15 +1,22 @@
-"""DirHandle and the directory-handle operations: opendir/readdir(plus)/releasedir/fsyncdir.
+"""Directory listing: with a handle (opendir/readdir(plus)/releasedir/fsyncdir) or without.
 
-Each open directory lists one ``DirSnapshot`` of its SOURCE directory, taken at the first
-readdir (and again at a rewind: a readdir from offset 0 after entries were delivered), so
-offsets stay valid for seekdir/telldir while the directory changes.
+Without a handle (``readdir_inode``, ``fsyncdir_inode``: the native session with cached
+listings, fsapi ``handleless_dirs``), every call opens the SOURCE directory, seeks to the
+offset and reads on with getdents64: offsets are SOURCE's own d_off cookies, as stable
+under changes as SOURCE's telldir values, and the kernel sends no OPENDIR/RELEASEDIR.
+
+With a handle (the pyfuse3 front-end, and cache=never, where the kernel must not keep
+listings), each open directory lists one ``DirSnapshot`` of its SOURCE directory, taken at
+the first readdir (and again at a rewind: a readdir from offset 0 after entries were
+delivered), so offsets stay valid for seekdir/telldir while the directory changes.
 
 Offsets: ``.`` and ``..`` come first, as in a native listing (``ls -a``), with offsets 1 and
 2; snapshot entry ``i`` then has offset ``i + 3``. ``dirents.DirSnapshot`` refuses the dots
 (the kernel takes no lookup reference for them), so they are emitted here, each carrying a
 reference like any entry, which the bridge gives back. ``..`` of the root is the root.
 
-Every other entry is a readdirplus entry: a lookup reference and the attributes from an
+Every other entry is a readdirplus entry (bare ones apart, see below): a lookup reference
+and the attributes from an
 O_PATH open and fstat of the name, so ``d_ino == st_ino`` and the kernel needs no LOOKUP
 afterwards. The per-entry syscalls of a big batch run in one worker thread (a big cold
 directory must not stall the loop; small ones run inline, see _INLINE_*); the table
@@ -36,9 +43,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from backingfs import syscalls
+from backingfs import getdents, syscalls
 from backingfs.attrs import Attr
-from backingfs.dirents import DOT_ENTRIES, DirItem, DirSnapshot, reply_dots, scandir_names
+from backingfs.dirents import (
+    DOT_ENTRIES,
+    DOTS,
+    DirItem,
+    DirSnapshot,
+    reply_dots,
+    scandir_names,
+)
 from backingfs.fsapi import Caller, DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
 
@@ -50,6 +64,9 @@ if TYPE_CHECKING:
 
 _MIN_BATCH = 16
 _MAX_BATCH = 1024
+#: About how many readdirplus entries fill the kernel's reply page (a 152-byte head and
+#: the name each): the first batch of a handle-less call, which may resume anywhere.
+_PLUS_PER_REPLY = 24
 
 #: Small directories are listed, and small batches prepared, on the loop thread: a worker
 #: round trip costs more than a few dozen openat+fstat calls on cached inodes, and most
@@ -127,6 +144,31 @@ def _without_fd(fs: PassthruFs, name: bytes, st: os.stat_result) -> Entry | DirE
     return DirEntry(name, Entry(attr, 0.0, 0.0), 0, bare=True)
 
 
+def _dot_entry(fs: PassthruFs, inode: PassthruInode, name: bytes) -> Entry | DirEntry:
+    """The entry of ``.`` or ``..`` in ``inode``, with a reference (the bridge gives it
+    back: the kernel counts none for the dots)."""
+    if name == b"." or inode is fs.inodes.root:  # the inode itself: no fd to open
+        st = os.fstat(inode.fd)
+        fs.inodes.ref(inode.ino)
+        return make_entry(fs, inode, st)
+    try:
+        fd, st = lookup_fd(fs, inode, name)
+    except OSError as e:
+        if e.errno not in _NO_FDS:
+            raise
+        return _without_fd(fs, name, os.stat(name, dir_fd=inode.fd, follow_symlinks=False))
+    return make_entry(fs, install(fs, fd, st), st)
+
+
+def _made_entry(fs: PassthruFs, name: bytes, p: tuple[int, os.stat_result],
+                next_off: int) -> DirEntry:
+    """The DirEntry of a prepared name: its inode (taking over the fd), with a reference."""
+    fd, st = p
+    made = _without_fd(fs, name, st) if fd < 0 else make_entry(fs, install(fs, fd, st), st)
+    return (made._replace(next_off=next_off) if isinstance(made, DirEntry)
+            else DirEntry(name, made, next_off))
+
+
 async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> None:
     handle: DirHandle = fs.handles.get(fh)
     inode = fs.live(handle.inode.ino)
@@ -141,17 +183,7 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
 
     def dot_entry(name: bytes) -> Entry | DirEntry:
         handle.is_delivered = True
-        if name == b"." or inode is fs.inodes.root:  # the inode itself: no fd to open
-            st = os.fstat(inode.fd)
-            fs.inodes.ref(inode.ino)
-            return make_entry(fs, inode, st)
-        try:
-            fd, st = lookup_fd(fs, inode, name)
-        except OSError as e:
-            if e.errno not in _NO_FDS:
-                raise
-            return _without_fd(fs, name, os.stat(name, dir_fd=inode.fd, follow_symlinks=False))
-        return make_entry(fs, install(fs, fd, st), st)
+        return _dot_entry(fs, inode, name)
 
     start = reply_dots(off, dot_entry, reply)
     if start is None:
@@ -176,18 +208,11 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
                 if accepted == 0:
                     raise p
                 return  # an errno now would lose the references already delivered
-            fd, st = p
-            if fd < 0:
-                made = _without_fd(fs, item.name, st)
-            else:
-                try:
-                    made = make_entry(fs, install(fs, fd, st), st)
-                except BaseException:
-                    _close_prepared(prepared[i + 1:])
-                    raise
-            d = (made._replace(next_off=item.next_off + DOT_ENTRIES)
-                 if isinstance(made, DirEntry)
-                 else DirEntry(item.name, made, item.next_off + DOT_ENTRIES))
+            try:
+                d = _made_entry(fs, item.name, p, item.next_off + DOT_ENTRIES)
+            except BaseException:
+                _close_prepared(prepared[i + 1:])
+                raise
             handle.is_delivered = True
             if not reply(d):
                 # The kernel's buffer is full; the bridge gives back this reference.
@@ -196,6 +221,73 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
                 return
             accepted += 1
         batch_size = min(batch_size * 2, _MAX_BATCH)
+
+
+async def readdir_inode(fs: PassthruFs, ino: int, off: int, reply: ReaddirReply) -> None:
+    """List directory ``ino`` from the backing fs's cookie ``off`` (fsapi handleless_dirs).
+
+    Each call opens the directory, seeks to ``off`` and reads on, so offsets are the backing
+    fs's ``d_off`` cookies (getdents.py) and a listing resumed after a full buffer, or at a
+    telldir value, neither skips nor repeats entries while the directory changes, as on
+    the backing fs itself. ``.`` and ``..`` come where the backing fs lists them."""
+    inode = fs.live(ino)
+    if inode.fmt != stat.S_IFDIR:
+        raise OSError(errno.ENOTDIR, "not a directory")
+    dfd = syscalls.reopen(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        await _fill_from(fs, inode, dfd, off, reply)
+    finally:
+        os.close(dfd)
+
+
+async def _fill_from(fs: PassthruFs, inode: PassthruInode, dfd: int, off: int,
+                     reply: ReaddirReply) -> None:
+    # getdents reads on the loop: one call takes getdents.BUFSIZE bytes of directory (a
+    # block or two), bounded like a small read; the per-name syscalls of a big batch go
+    # to a worker as in readdir.
+    entries = getdents.iter_from(dfd, off)
+    accepted = 0
+    batch_size = _PLUS_PER_REPLY
+    while True:
+        batch = list(islice(entries, batch_size))
+        if not batch:
+            return
+        names = [e.name for e in batch if e.name not in DOTS]
+        if len(names) <= _INLINE_BATCH:
+            prepared = _prepare(inode.fd, names)
+        else:
+            prepared = await trio.to_thread.run_sync(_prepare, inode.fd, names)
+        k = 0
+        for e in batch:
+            if e.name in DOTS:
+                made = _dot_entry(fs, inode, e.name)
+                d = (made._replace(next_off=e.next_off) if isinstance(made, DirEntry)
+                     else DirEntry(e.name, made, e.next_off))
+            else:
+                p = prepared[k]
+                k += 1
+                if isinstance(p, OSError):
+                    if p.errno == errno.ENOENT:
+                        continue  # removed since getdents saw it
+                    _close_prepared(prepared[k:])
+                    if accepted == 0:
+                        raise p
+                    return  # an errno now would lose the references already delivered
+                try:
+                    d = _made_entry(fs, e.name, p, e.next_off)
+                except BaseException:
+                    _close_prepared(prepared[k:])
+                    raise
+            if not reply(d):
+                _close_prepared(prepared[k:])  # the bridge gives back this one's reference
+                return
+            accepted += 1
+        batch_size = min(batch_size * 2, _MAX_BATCH)
+
+
+async def fsyncdir_inode(fs: PassthruFs, ino: int, datasync: bool) -> None:
+    inode = fs.live(ino)
+    await trio.to_thread.run_sync(_fsync_dir, inode.fd, datasync)
 
 
 async def releasedir(fs: PassthruFs, fh: int) -> None:

@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Sequence
 
+from backingfs import getdents
 from backingfs.context import BackingFileCtx
 from backingfs.flags import IocbFlags
 from backingfs.fsapi import (
@@ -65,6 +66,9 @@ class PassthruFs(Filesystem):
         # Cached listings are dropped when a revalidated mtime differs: cache=auto sees
         # changes made in SOURCE after its timeout, as it does for attributes.
         self.cache_dirs = self.params.entry_timeout > 0
+        # Listings by the backing fs's own cookies: no OPENDIR/RELEASEDIR round trips
+        # (native session), half the requests of a find, two thirds of a du.
+        self.handleless_dirs = self.cache_dirs and getdents.supported()
         self.writeback = self.params.writeback
         self.enable_writeback_cache = self.params.writeback
         self.workers = workers or default_workers()
@@ -207,3 +211,9 @@ class PassthruFs(Filesystem):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await readdir_ops.fsyncdir(self, fh, datasync)
+
+    async def readdir_inode(self, ino: int, off: int, reply: ReaddirReply) -> None:
+        await readdir_ops.readdir_inode(self, ino, off, reply)
+
+    async def fsyncdir_inode(self, ino: int, datasync: bool) -> None:
+        await readdir_ops.fsyncdir_inode(self, ino, datasync)

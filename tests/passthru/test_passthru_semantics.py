@@ -295,3 +295,49 @@ def test_passthru_over_a_fuse_source_serves_flush(passthru_mount: StartPassthru)
         f.write(b"through two mounts")
     assert (lower.source / "f").read_bytes() == b"through two mounts"
     assert (upper.mnt / "f").read_bytes() == b"through two mounts"
+
+
+def _tree(root: Path) -> dict[str, list[str]]:
+    return {os.path.relpath(d, root): sorted(dirs + files) for d, dirs, files in os.walk(root)}
+
+
+def test_native_session_lists_directories_without_handles(
+        passthru_mount: StartPassthru) -> None:
+    # FUSE_NO_OPENDIR_SUPPORT: one OPENDIR answered ENOSYS, then no OPENDIR/RELEASEDIR at
+    # all; listings by the backing fs's cookies are what a plain directory gives.
+    p = passthru_mount("session=native")
+    for d in ("a", "a/b", "a/b/c", "e"):
+        (p.source / d).mkdir()
+        for i in range(150):
+            (p.source / d / f"f{i:03d}").write_bytes(b"")
+    for _ in range(3):
+        assert _tree(p.mnt) == _tree(p.source)
+    # changes through the mount drop the kernel's cached listings
+    (p.mnt / "a" / "new").write_bytes(b"")
+    shutil.rmtree(p.mnt / "a" / "b" / "c")
+    assert _tree(p.mnt) == _tree(p.source)
+    dfd = os.open(p.mnt / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)   # FSYNCDIR without a handle
+        assert sorted(os.listdir(dfd)) == sorted(os.listdir(p.source / "a"))
+    finally:
+        os.close(dfd)
+    requests = p.mount.session_statistics()["requests"]
+    assert requests.get("OPENDIR") == 1 and "RELEASEDIR" not in requests, requests
+    assert requests.get("FSYNCDIR") == 1, requests
+
+
+def test_cache_never_keeps_directory_handles(passthru_mount: StartPassthru) -> None:
+    # The kernel would keep every handle-less listing in its page cache: cache=never opens
+    # each directory with a handle (OPENDIR, RELEASEDIR) and lists a fresh snapshot.
+    p = passthru_mount("session=native", "cache=never")
+    (p.source / "d").mkdir()
+    assert os.listdir(p.mnt / "d") == []
+    (p.source / "d" / "behind").write_bytes(b"")
+    assert os.listdir(p.mnt / "d") == ["behind"]
+
+    def released() -> bool:
+        r = p.mount.session_statistics()["requests"]
+        return r.get("OPENDIR", 0) >= 2 and r.get("RELEASEDIR") == r.get("OPENDIR")
+
+    _poll(released, "every directory handle to be released")
