@@ -169,16 +169,21 @@ def setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+#: The most fds the daemon asks for. systemd hosts set nr_open to 2**30: a limit that high
+#: only lets a runaway fd table eat the machine's memory; four million inodes is plenty.
+NOFILE_CAP = 1 << 22
+
+
 def raise_nofile_limit() -> None:
-    """RLIMIT_NOFILE up to the kernel's ``nr_open``: a stacked fs holds an fd per open file
-    and per inode the kernel caches, so an ``ls -l`` of a directory bigger than the limit
-    would fail with EMFILE. The soft limit goes up to the hard one; with CAP_SYS_RESOURCE
-    (root) the hard one goes up to ``nr_open`` first (a container's 20,000 or systemd's
-    524,288 are far below what a big tree needs)."""
+    """RLIMIT_NOFILE up to the kernel's ``nr_open`` (at most NOFILE_CAP): a stacked fs
+    holds an fd per open file and per inode the kernel caches, so an ``ls -l`` of a
+    directory bigger than the limit would fail with EMFILE. The soft limit goes up to the
+    hard one; with CAP_SYS_RESOURCE (root) the hard one goes up first (a container's
+    20,000 or systemd's 524,288 are far below what a big tree needs)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
+            ceiling = min(int(f.read()), NOFILE_CAP)
     except (OSError, ValueError):
         ceiling = 1 << 20
     if hard != resource.RLIM_INFINITY and hard < ceiling:
@@ -187,7 +192,7 @@ def raise_nofile_limit() -> None:
             return
         except (OSError, ValueError):
             pass  # no CAP_SYS_RESOURCE: the hard limit is what we get
-    target = ceiling if hard == resource.RLIM_INFINITY else hard
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

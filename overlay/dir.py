@@ -184,8 +184,16 @@ def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid:
     finally:
         os.close(fd)
     if aufs:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            # The old whiteout stays: the new file must not (nor its fd)
+            os.close(path_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=parent_fd)
+            raise
     return path_fd, st
 
 

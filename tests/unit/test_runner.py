@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from backingfs import runner
 from backingfs.options import UsageError
 from backingfs.runner import QuietError, check_mountpoint, cli_main
 from backingfs.testing import (
@@ -87,10 +88,11 @@ def test_raise_nofile_limit_reaches_hard_limit() -> None:
 
 
 def test_raise_nofile_limit_with_cap_sys_resource_lifts_the_hard_limit() -> None:
-    """With CAP_SYS_RESOURCE both limits go up to nr_open (a container's 20,000 would make a
-    directory of 20,000 entries costly to list); without it (some sandboxes deny it even to
-    root, this one among them) the hard limit stays and the soft one reaches it."""
-    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    """With CAP_SYS_RESOURCE both limits go up to nr_open, at most NOFILE_CAP (a
+    container's 20,000 would make a directory of 20,000 entries costly to list); without it
+    (some sandboxes deny it even to root, this one among them) the hard limit stays and
+    the soft one reaches it."""
+    nr_open = min(int(Path("/proc/sys/fs/nr_open").read_text()), runner.NOFILE_CAP)
     want = nr_open if _has_cap(24) else 4096   # 24: CAP_SYS_RESOURCE
     assert _limits_after_raise() == [want, want]
 
