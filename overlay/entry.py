@@ -26,6 +26,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from backingfs.dirents import DirSnapshot
 from backingfs.fsapi import ROOT_INO
 from backingfs.inodes import Inode
 from backingfs.locks import QuickLock
@@ -62,6 +63,8 @@ class OvlInode(Inode):
         self._copy_up_lock: QuickLock | None = None
         self.table: InodeTable[OvlInode] | None = None  # for the parent reference
         self.holds_parent_ref = False
+        #: Merged listings being read without a handle, by generation (readdir.py)
+        self.listings: dict[int, DirSnapshot[int]] | None = None
 
     @classmethod
     def make_root(cls, layers: LayerStack) -> OvlInode:
@@ -123,6 +126,7 @@ class OvlInode(Inode):
                 self.table.forget(old.ino, 1)
 
     def on_evict(self) -> None:
+        self.listings = None
         fds = [self.upper] if self.upper is not None else []
         fds += [lower.fd for lower in self.lowers]
         self.upper = None

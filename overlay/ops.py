@@ -42,6 +42,8 @@ class OverlayFs(Filesystem):
         # Changes reach the merged directories only through the mount (lower layers
         # changing underneath are undefined, as for keep_cache), unless timeout=0.
         self.cache_dirs = sb.params.timeout > 0
+        # no OPENDIR/RELEASEDIR round trips on the native session (readdir.readdir_inode)
+        self.handleless_dirs = self.cache_dirs
 
     @property  # type: ignore[override]
     def notifier(self) -> Notifier | None:
@@ -176,6 +178,12 @@ class OverlayFs(Filesystem):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await ovl_readdir.fsyncdir(self.sb, fh, datasync)
+
+    async def readdir_inode(self, ino: int, off: int, reply: ReaddirReply) -> None:
+        await ovl_readdir.readdir_inode(self.sb, self._dir(ino), off, reply)
+
+    async def fsyncdir_inode(self, ino: int, datasync: bool) -> None:
+        await ovl_readdir.fsyncdir_inode(self.sb, self._dir(ino), datasync)
 
     async def statfs(self, caller: Caller) -> Statfs:
         return await ovl_inode.statfs(self.sb)

@@ -15,6 +15,14 @@ directories) hide the name below and are never listed, nor are ``.wh.`` names.
 Each entry is built by a real lookup (namei), so it carries one lookup reference and its
 d_ino equals st_ino. ``.`` and ``..`` are emitted first, at offsets 1 and 2, like a native
 directory (the bridge gives their references back).
+
+Without a handle (``readdir_inode``: the native session with cached listings, fsapi
+``handleless_dirs``), a listing from offset 0 takes a snapshot kept on the inode under a
+new generation, and every offset handed out carries it (``generation << 32 | position``),
+so a continuation, or a seekdir to a telldir value, reads the snapshot it came from, as a
+handle would. A few snapshots per directory are kept (concurrent listers) until the inode
+is evicted; one of more than _KEEP_READ_MAX entries is dropped once its end was read. An
+offset whose snapshot is gone goes on at its position in a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -98,8 +106,6 @@ async def opendir(sb: Superblock, inode: OvlInode) -> int:
 
 
 async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> None:
-    from .namei import adopt, resolve
-
     handle: DirHandle = sb.handles.get(fh)
     inode = handle.inode
     assert isinstance(inode, OvlInode)
@@ -107,6 +113,50 @@ async def readdir(sb: Superblock, fh: int, off: int, reply: ReaddirReply) -> Non
     if snap is None or (off == 0 and handle.has_read):
         snap = handle.snapshot = await snapshot(sb, inode)
     handle.has_read = True
+    await _fill_listing(sb, inode, snap, off, reply)
+
+
+#: Snapshots kept per directory for handle-less listings in progress.
+_LISTINGS_KEPT = 4
+#: Entries up to which a snapshot read to its end is still kept.
+_KEEP_READ_MAX = 4096
+_POS_BITS = 32
+_POS_MASK = (1 << _POS_BITS) - 1
+
+
+async def readdir_inode(sb: Superblock, inode: OvlInode, off: int,
+                        reply: ReaddirReply) -> None:
+    """``readdir`` of ``inode`` without a handle (module docstring)."""
+    if not inode.is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory")
+    gen, pos = off >> _POS_BITS, off & _POS_MASK
+    listings = inode.listings
+    snap = listings.get(gen) if listings is not None and off else None
+    if snap is None:
+        snap = await snapshot(sb, inode)
+        listings = inode.listings
+        if listings is None:
+            listings = inode.listings = {}
+        gen = sb.next_listing()
+        listings[gen] = snap
+        while len(listings) > _LISTINGS_KEPT:
+            del listings[next(iter(listings))]   # the oldest
+    if pos >= len(snap) + DOT_ENTRIES and len(snap) > _KEEP_READ_MAX:
+        # Its end was read (the kernel caches the listing): a big one is not kept for a
+        # seekdir after a change, which then reads on in a fresh snapshot.
+        listings.pop(gen, None)
+    base = gen << _POS_BITS
+
+    def tagged(entry: DirEntry) -> bool:
+        return reply(entry._replace(next_off=base | entry.next_off))
+
+    await _fill_listing(sb, inode, snap, pos, tagged)
+
+
+async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int], off: int,
+                        reply: ReaddirReply) -> None:
+    """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2)."""
+    from .namei import adopt, resolve
 
     def dot_entry(name: bytes) -> Entry:
         target = inode if name == b"." else (inode.parent or inode)
@@ -157,10 +207,14 @@ def remove_upper_whiteouts(sb: Superblock, dir_fd: int) -> None:
 
 
 async def fsyncdir(sb: Superblock, fh: int, datasync: bool) -> None:
-    """Sync the upper directory (nothing of ours to sync on a lower layer)."""
     handle: DirHandle = sb.handles.get(fh)
     inode = handle.inode
     assert isinstance(inode, OvlInode)
+    await fsyncdir_inode(sb, inode, datasync)
+
+
+async def fsyncdir_inode(sb: Superblock, inode: OvlInode, datasync: bool) -> None:
+    """Sync the upper directory (nothing of ours to sync on a lower layer)."""
     upper = inode.upper
     if upper is None or not sb.sync.is_syncing:
         sb.sync.check_error()

@@ -85,6 +85,7 @@ class Superblock:
         self.handles: HandleTable = HandleTable(self.inodes)
         root.table = self.inodes
         self._tmp_names: Iterator[int] = itertools.count(1)
+        self._listing_gen = 0
 
     @property
     def is_read_only(self) -> bool:
@@ -94,6 +95,12 @@ class Superblock:
         """A fresh name in work/ for an object being built (unique within this mount;
         work/ is emptied at every mount)."""
         return b"#%x.%d" % (os.getpid(), next(self._tmp_names))
+
+    def next_listing(self) -> int:
+        """A generation for a handle-less directory listing (readdir.py): 1 .. 2**31-1,
+        so that ``generation << 32 | position`` stays a positive 64-bit offset."""
+        self._listing_gen = self._listing_gen % 0x7FFFFFFF + 1
+        return self._listing_gen
 
     @classmethod
     def mount(cls, params: OvlParams, mountpoint: str) -> Superblock:

@@ -95,6 +95,63 @@ def test_offsets_stable_while_directory_changes(ovl: OvlLayers) -> None:
     assert len(seen) == len(set(seen)) == 300
 
 
+def _libc_dirs() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+def _read_all(libc: ctypes.CDLL, d: int, limit: int | None = None) -> list[bytes]:
+    out = []
+    while limit is None or len(out) < limit:
+        ent = libc.readdir(d)
+        if not ent:
+            break
+        out.append(ctypes.string_at(ent + 19))
+    return out
+
+
+def test_native_session_lists_merged_directories_without_handles(ovl: OvlLayers) -> None:
+    # One OPENDIR answered ENOSYS, then none (nor RELEASEDIR); a listing's offsets carry
+    # its snapshot's generation, so a lister that seeks back after another lister and a
+    # change reads on in its own snapshot, as with a handle.
+    for i in range(200):
+        (ovl.lower1 / f"a{i:03d}").write_text("x")
+        (ovl.lower2 / f"b{i:03d}").write_text("x")
+    mnt = ovl.mount("session=native")
+    libc = _libc_dirs()
+    first = libc.opendir(os.fsencode(mnt))
+    head = _read_all(libc, first, 150)
+    pos = libc.telldir(first)
+    tail = _read_all(libc, first)
+    assert len(set(head + tail)) == len(head + tail) == 402
+    gone = {b"a000", b"a001", b"a002"}   # ahead of pos: a fresh snapshot would shift it
+    for name in gone:
+        os.unlink(mnt / os.fsdecode(name))  # the kernel's cached listing is dropped
+    second = libc.opendir(os.fsencode(mnt))
+    listed = _read_all(libc, second)   # a new snapshot: the change is seen
+    libc.closedir(second)
+    assert not gone & set(listed) and len(listed) == 399
+    libc.seekdir(first, pos)
+    again = _read_all(libc, first)
+    libc.closedir(first)
+    assert again == tail
+    dfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)   # FSYNCDIR without a handle
+    finally:
+        os.close(dfd)
+    requests = ovl.mounts[-1].session_statistics()["requests"]
+    assert requests.get("OPENDIR") == 1 and "RELEASEDIR" not in requests, requests
+    assert requests.get("FSYNCDIR") == 1, requests
+
+
 def test_whiteouts_and_wh_files_never_listed(ovl: OvlLayers) -> None:
     (ovl.lower2 / "a").write_text("a")
     (ovl.lower2 / "b").write_text("b")
