@@ -57,14 +57,7 @@ def test_offsets_stable_while_directory_changes(ovl: OvlLayers) -> None:
     for i in range(300):
         (ovl.lower1 / f"f{i:03d}").write_text("x")
     mnt = ovl.mount()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.opendir.restype = ctypes.c_void_p
-    libc.readdir.restype = ctypes.c_void_p
-    libc.readdir.argtypes = [ctypes.c_void_p]
-    libc.telldir.argtypes = [ctypes.c_void_p]
-    libc.telldir.restype = ctypes.c_long
-    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
-    libc.closedir.argtypes = [ctypes.c_void_p]
+    libc = _libc_dirs()
     d = libc.opendir(os.fsencode(mnt))
 
     def next_name() -> bytes | None:
