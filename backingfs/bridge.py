@@ -431,6 +431,12 @@ class Pyfuse3Notifier:
     thread; attribute-only invalidation does not wait for requests and runs inline.
     """
 
+    #: libfuse 3.14 and pyfuse3 have no FUSE_NOTIFY_PRUNE.
+    can_prune = False
+
+    def prune(self, inos: Sequence[int]) -> None:
+        pass
+
     def invalidate_entry(self, parent_ino: int, name: bytes,
                          deleted_ino: int | None = None) -> None:
         pyfuse3.invalidate_entry_async(parent_ino, name, deleted_ino or 0, ignore_enoent=True)

@@ -168,6 +168,11 @@ class Filesystem:
     def init(self) -> None:
         """Called once the session is up, before the first request. Must not raise."""
 
+    def relieve_fds(self) -> bool:
+        """A request met EMFILE/ENFILE: have the kernel drop unused inodes (and so their
+        fds). True if that was asked, so a retry after a moment may succeed."""
+        return False
+
     async def destroy(self) -> None:
         """Called at unmount, after the last request: drain I/O, forget every inode."""
 

@@ -159,6 +159,9 @@ WRITE_KILL_SUIDGID = 1 << 2
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_DELETE = 6
+#: 7.45 (Linux 6.18): drop the listed node ids' unused dentries and inodes, so the kernel
+#: FORGETs them; ones in use are skipped. Older kernels answer EINVAL.
+NOTIFY_PRUNE = 9
 
 # --- /dev/fuse ioctls (_IOW(229, n, size)) ---------------------------------------------------
 DEV_IOC_CLONE = 0x8004E500           # _IOR(229, 0, uint32_t)
@@ -210,6 +213,7 @@ BACKING_MAP = struct.Struct("=iIQ")              # fd flags padding
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")   # parent namelen flags
 NOTIFY_DELETE_OUT = struct.Struct("=QQII")       # parent child namelen padding
+NOTIFY_PRUNE_OUT = struct.Struct("=IIQ")         # count padding spare; then count u64 node ids
 
 ENTRY_OUT_SIZE = ENTRY_HEAD.size + ATTR.size     # 128
 #: The smallest read buffer the kernel accepts, besides room for one max_write.

@@ -18,13 +18,26 @@ each find-or-create-and-count is atomic (libfuse 1e19235c: a lookup must not res
 inode being erased; 02c0fc62: two forgets must not both see zero). Methods never await and
 may be called from trio tasks and worker threads alike. ``make()`` runs under the lock.
 ``on_evict()`` runs after the lock is dropped, once per inode, on the thread that evicted it.
+
+Pruning: each inode holds backing fds, and the kernel keeps every inode it was given until
+memory pressure, so a big tree walked through the mount would run the daemon out of fds
+(RLIMIT_NOFILE, often 20,000 or 524,288 and not raisable) and answer EMFILE where ext4
+never would. With a ``Notifier`` that can prune (``enable_pruning``), the table keeps its
+inodes in least-recently-looked-up order and, past a capacity derived from the fd limit,
+asks the kernel to drop the oldest unopened ones (FUSE_NOTIFY_PRUNE): the kernel's own
+dcache shrinker, on demand. The kernel skips what is in use, and what it drops comes back
+as FORGETs, which close the fds; a later access simply looks the name up again.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import resource
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -33,6 +46,7 @@ from .attrs import AttrCache
 from .fsapi import ROOT_INO
 from .inflight import InFlight
 from .locks import QuickLock
+from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,17 @@ RESERVED_INO_BASE = 1 << 62
 
 #: Guards the first-use creation of every inode's ``io`` (held for a few instructions).
 _LAZY_IO_LOCK = threading.Lock()
+
+#: Pruning: fds kept free for open files, pipes and sockets, as a fraction of the limit.
+PRUNE_RESERVE = 0.25
+#: A prune brings the table down to this fraction of its capacity...
+PRUNE_TARGET = 0.875
+#: ...and the next one waits for this many new inodes (FORGETs arrive asynchronously).
+PRUNE_SPACING = 0.0625
+#: How often (in new inodes) the fd limit is read again: prlimit(1) may change it.
+_LIMIT_RECHECK = 1024
+#: prune_now (out of fds) prunes at most this often, in seconds.
+_FORCED_SPACING = 0.05
 
 
 class Inode:
@@ -140,6 +165,16 @@ class InodeTable(Generic[InodeT]):
         self._by_key: dict[Hashable, InodeT] = {}  # live inodes only
         self._next_ino = RESERVED_INO_BASE  # guarded by _lock
         self._evicted = 0  # guarded by _lock
+        # Pruning (module docstring); all guarded by _lock.
+        self._lru: OrderedDict[int, InodeT] = OrderedDict()  # non-root, oldest lookup first
+        self._notifier: Notifier | None = None
+        self._fds_per_inode = 1.0
+        self._fixed_capacity: int | None = None
+        self.capacity = 0  # inodes held before pruning; 0: never prune
+        self._until_prune = 0  # new inodes before the next prune may start
+        self._until_recheck = 0
+        self.pruned = 0  # node ids handed to the kernel to prune
+        self._last_forced = -1e9  # monotonic time of the last prune_now
         root.lookups = 1
         self._adopt(root)
 
@@ -148,6 +183,8 @@ class InodeTable(Generic[InodeT]):
         inode._attach_io(self.io)
         self._by_ino[inode.ino] = inode
         self._by_key[inode.key] = inode
+        if inode is not self.root:
+            self._lru[inode.ino] = inode
 
     def _allocate_ino(self, preferred_ino: int | None) -> int:
         """Caller holds _lock. A held number (live or stale) is never handed out again."""
@@ -167,6 +204,7 @@ class InodeTable(Generic[InodeT]):
         del self._by_ino[inode.ino]
         if self._by_key.get(inode.key) is inode:
             del self._by_key[inode.key]
+        self._lru.pop(inode.ino, None)
         self._evicted += 1
 
     def _is_evictable(self, inode: InodeT) -> bool:
@@ -196,6 +234,7 @@ class InodeTable(Generic[InodeT]):
         returned inode is never stale. The caller owns the added lookup and must pass it to
         the kernel in an entry reply, or give it back with ``forget(ino, 1)``.
         """
+        victims: list[int] = []
         with self._lock:
             inode = self._by_key.get(key)
             if inode is None:
@@ -204,8 +243,92 @@ class InodeTable(Generic[InodeT]):
                 if inode.ino != ino or inode.key != key:
                     raise ValueError(f"make({ino}) built {inode!r}, not ino {ino} key {key!r}")
                 self._adopt(inode)
+                if self.capacity:
+                    victims = self._pick_victims()
+            elif inode is not self.root:
+                self._lru.move_to_end(inode.ino)
             inode.lookups += 1
-            return inode
+        if victims:
+            self._send_prune(victims)
+        return inode
+
+    # --- pruning ------------------------------------------------------------------------------
+
+    def enable_pruning(self, notifier: Notifier | None, fds_per_inode: float = 1.0,
+                       capacity: int | None = None) -> None:
+        """Prune through ``notifier`` when it can (see the module docstring); an inode costs
+        ``fds_per_inode`` fds on average. Call once the session is up (``Filesystem.init``).
+        A fixed ``capacity`` replaces the one read from RLIMIT_NOFILE (tests)."""
+        if notifier is None or not notifier.can_prune:
+            return
+        with self._lock:
+            self._notifier = notifier
+            self._fds_per_inode = fds_per_inode
+            self._fixed_capacity = capacity
+            self._read_limit()
+
+    def _read_limit(self) -> None:
+        """Caller holds _lock."""
+        self._until_recheck = _LIMIT_RECHECK
+        if self._fixed_capacity is not None:
+            self.capacity = self._fixed_capacity
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            self.capacity = 0
+            return
+        self.capacity = max(64, int(soft * (1 - PRUNE_RESERVE) / self._fds_per_inode))
+
+    def _pick_victims(self, force: bool = False) -> list[int]:
+        """The oldest unopened inodes to prune, if the table is past capacity and the last
+        prune is far enough behind (or ``force``). They move to the young end, so one the
+        kernel keeps (in use) is not asked for again at once. Caller holds _lock."""
+        self._until_recheck -= 1
+        if self._until_recheck <= 0:
+            self._read_limit()
+        self._until_prune -= 1
+        notifier = self._notifier
+        if notifier is None or not notifier.can_prune or not self.capacity:
+            return []
+        spacing = max(1, int(self.capacity * PRUNE_SPACING))
+        if force:
+            excess = max(spacing, len(self._by_ino) - int(self.capacity * PRUNE_TARGET))
+        elif len(self._by_ino) > self.capacity and self._until_prune <= 0:
+            excess = len(self._by_ino) - int(self.capacity * PRUNE_TARGET)
+        else:
+            return []
+        victims = list(itertools.islice(
+            (ino for ino, inode in self._lru.items() if inode.opens == 0), excess))
+        for ino in victims:
+            self._lru.move_to_end(ino)
+        self._until_prune = spacing
+        self.pruned += len(victims)
+        return victims
+
+    def _send_prune(self, victims: list[int]) -> None:
+        notifier = self._notifier
+        if notifier is None:
+            return
+        log.debug("asking the kernel to prune %d inodes (%d held, capacity %d)",
+                  len(victims), len(self), self.capacity)
+        notifier.prune(victims)
+
+    def prune_now(self) -> bool:
+        """Out of fds now (EMFILE/ENFILE): prune without waiting for the capacity, at most
+        every ``_FORCED_SPACING`` seconds (a burst of failures must not empty the cache).
+        True if the kernel can prune at all, i.e. waiting for FORGETs may help."""
+        now = time.monotonic()
+        with self._lock:
+            notifier = self._notifier
+            if notifier is None or not notifier.can_prune or not self.capacity:
+                return False
+            if now - self._last_forced < _FORCED_SPACING:
+                return True
+            self._last_forced = now
+            victims = self._pick_victims(force=True)
+        if victims:
+            self._send_prune(victims)
+        return True
 
     def ref(self, ino: int, n: int = 1) -> None:
         """Add ``n`` lookups to the live inode ``ino`` (an entry reply naming an inode the

@@ -36,10 +36,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import time
 import types
 from collections import Counter
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -351,6 +352,7 @@ class NativeNotifier:
 
     def __init__(self, session: NativeSession) -> None:
         self.session = session
+        self.can_prune = True  # until the kernel refuses FUSE_NOTIFY_PRUNE
 
     def invalidate_entry(self, parent_ino: int, name: bytes,
                          deleted_ino: int | None = None) -> None:
@@ -365,6 +367,35 @@ class NativeNotifier:
         if nursery is None:
             return
         nursery.start_soon(trio.to_thread.run_sync, self._send, code, head + name + b"\0")
+
+    def prune(self, inos: Sequence[int]) -> None:
+        if not inos or not self.can_prune:
+            return
+        body = abi.NOTIFY_PRUNE_OUT.pack(len(inos), 0, 0) + struct.pack(f"={len(inos)}Q", *inos)
+        if not trio.lowlevel.in_trio_run():
+            # A worker thread (the loop is free to serve what evictions wait for).
+            self._send_prune(body)
+            return
+        nursery = self.session._nursery
+        if nursery is not None:
+            # Evicting an inode writes its dirty pages back: our own WRITE requests.
+            nursery.start_soon(trio.to_thread.run_sync, self._send_prune, body)
+
+    def _send_prune(self, body: bytes) -> None:
+        fd = self.session.fd
+        if fd < 0:
+            return
+        try:
+            os.write(fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(body),
+                                             abi.NOTIFY_PRUNE, 0) + body)
+        except OSError as e:
+            if e.errno == errno.EINVAL and self.can_prune:
+                # Before Linux 6.18 (FUSE 7.45) the kernel has no prune notification.
+                self.can_prune = False
+                log.info("the kernel cannot prune inodes (no FUSE_NOTIFY_PRUNE): past the "
+                         "fd limit, lookups fail with EMFILE until it forgets inodes")
+            elif e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("prune notification failed: %s", e)
 
     async def invalidate_inode(self, ino: int, attr_only: bool = False) -> None:
         # off -1: attributes only; off 0, len 0: attributes and every cached page

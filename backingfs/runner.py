@@ -179,7 +179,8 @@ def raise_nofile_limit() -> None:
     holds an fd per open file and per inode the kernel caches, so an ``ls -l`` of a
     directory bigger than the limit would fail with EMFILE. The soft limit goes up to the
     hard one; with CAP_SYS_RESOURCE (root) the hard one goes up first (a container's
-    20,000 or systemd's 524,288 are far below what a big tree needs)."""
+    20,000 or systemd's 524,288 are far below what a big tree needs; past the limit the
+    inode table has the kernel prune inodes, see inodes.py)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:

@@ -62,6 +62,13 @@ class OverlayFs(Filesystem):
             raise OSError(errno.ENOTDIR, "not a directory")
         return inode
 
+    def init(self) -> None:
+        # A merged directory holds an fd per layer it is in, most inodes hold one.
+        self.sb.inodes.enable_pruning(self.sb.notifier, fds_per_inode=1.5)
+
+    def relieve_fds(self) -> bool:
+        return self.sb.inodes.prune_now()
+
     async def destroy(self) -> None:
         await self.sb.handles.release_all()
         await self.sb.inodes.io.wait_drained()

@@ -29,8 +29,8 @@ Out of file descriptors (EMFILE/ENFILE: every inode the kernel holds costs an O_
 so a directory bigger than RLIMIT_NOFILE cannot give each entry one), an entry is made
 without one: the inode the kernel already holds for it, or a bare entry (name, d_ino and
 type; node id 0, so the kernel instantiates nothing and looks the name up when it needs
-it). The listing completes instead of failing; stat of such a name may still meet EMFILE
-until the kernel forgets other inodes.
+it). The listing completes instead of failing, and the table asks the kernel to prune
+old inodes (inodes.py), so the names after it get inodes again once their FORGETs arrive.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def _without_fd(fs: PassthruFs, name: bytes, st: os.stat_result) -> Entry | DirE
     own: the inode the kernel already holds for the object, with one more reference, or
     else a bare entry (no inode, no reference: the kernel looks the name up when it needs
     it, and the listing goes on; d_ino is the st_ino that lookup will most likely give)."""
+    fs.inodes.prune_now()   # so that the names after this one get inodes again
     known = fs.inodes.find((st.st_dev, st.st_ino))
     if known is not None:
         fs.inodes.ref(known.ino)

@@ -94,6 +94,10 @@ class PassthruFs(Filesystem):
     def init(self) -> None:
         # The kernel already applied the caller's umask; ours must not apply another.
         os.umask(0)
+        self.inodes.enable_pruning(self.notifier)
+
+    def relieve_fds(self) -> bool:
+        return self.inodes.prune_now()
 
     async def destroy(self) -> None:
         await self.handles.release_all()

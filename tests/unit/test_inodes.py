@@ -14,6 +14,7 @@ import trio
 
 from backingfs.fsapi import ROOT_INO
 from backingfs.inodes import RESERVED_INO_BASE, Inode, InodeTable
+from backingfs.notify import RecordingNotifier
 
 
 class RecordingInode(Inode):
@@ -410,3 +411,66 @@ async def storm_trio_tasks_and_threads() -> None:
     assert not model.errors
     check_counts(table, model)
     finish_storm(table, model, holdings)
+
+
+# --- pruning (FUSE_NOTIFY_PRUNE) -----------------------------------------------------------
+
+def _pruned(notifier: RecordingNotifier) -> list[int]:
+    return [ino for call in notifier.calls if call[0] == "prune" for ino in call[1]]
+
+
+def test_pruning_asks_for_the_oldest_unopened_inodes_past_capacity() -> None:
+    table = make_table()
+    notifier = RecordingNotifier()
+    table.enable_pruning(notifier, capacity=80)
+    inodes = [table.lookup(i, maker(i), preferred_ino=1000 + i) for i in range(79)]
+    assert notifier.calls == []  # 80 held with the root: at capacity, not past it
+    table.open(inodes[0])          # open: the kernel cannot drop it, so it is not asked
+    table.lookup(1, maker(1))      # looked up again: now the youngest
+    table.lookup(79, maker(79), preferred_ino=1079)  # 81 held: past capacity
+    victims = _pruned(notifier)
+    # down to 7/8 of the capacity: 81 - 70 = 11, oldest first, skipping 0 and 1
+    assert victims == [1000 + i for i in range(2, 13)]
+    assert ROOT_INO not in victims
+    # The next prune waits for capacity/16 = 5 new inodes, whatever the count says.
+    for i in range(80, 84):
+        table.lookup(i, maker(i), preferred_ino=1000 + i)
+    assert len(_pruned(notifier)) == 11
+    table.lookup(84, maker(84), preferred_ino=1084)
+    again = _pruned(notifier)[11:]
+    # The ones asked before went to the young end: others are asked first.
+    assert again == [1013 + i for i in range(len(again))] and len(again) == 86 - 70
+    assert 1000 not in again
+
+
+def test_forgotten_inodes_leave_the_pruning_order() -> None:
+    table = make_table()
+    notifier = RecordingNotifier()
+    table.enable_pruning(notifier, capacity=20)
+    for i in range(16):
+        table.lookup(i, maker(i), preferred_ino=100 + i)
+    for i in range(8):
+        table.forget(100 + i, 1)   # what the kernel does for pruned inodes
+    assert notifier.calls == []
+    for i in range(16, 28):
+        table.lookup(i, maker(i), preferred_ino=100 + i)
+    victims = _pruned(notifier)
+    assert victims and min(victims) >= 108
+    assert all(table.get(ino).lookups == 1 for ino in victims)
+
+
+def test_prune_now_prunes_below_capacity_and_without_a_notifier_nothing() -> None:
+    table = make_table()
+    for i in range(10):
+        table.lookup(i, maker(i), preferred_ino=100 + i)
+    assert table.prune_now() is False  # no notifier: nothing to do, no error
+    notifier = RecordingNotifier(can_prune=False)
+    table.enable_pruning(notifier, capacity=4)
+    table.prune_now()
+    assert notifier.calls == []   # the kernel cannot prune: never asked
+    notifier = RecordingNotifier()
+    table.enable_pruning(notifier, capacity=1000)
+    assert table.prune_now() is True
+    assert _pruned(notifier) == [100 + i for i in range(10)]
+    assert table.prune_now() is True   # at once again: no second prune
+    assert len(notifier.calls) == 1
