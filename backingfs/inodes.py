@@ -57,8 +57,10 @@ RESERVED_INO_BASE = 1 << 62
 #: Guards the first-use creation of every inode's ``io`` (held for a few instructions).
 _LAZY_IO_LOCK = threading.Lock()
 
-#: Pruning: fds kept free for open files, pipes and sockets, as a fraction of the limit.
-PRUNE_RESERVE = 0.25
+#: Pruning: fds kept free for open files, pipes and sockets: an eighth of the limit, at
+#: least 1024, at most a quarter.
+PRUNE_RESERVE = 0.125
+PRUNE_RESERVE_MIN = 1024
 #: A prune brings the table down to this fraction of its capacity...
 PRUNE_TARGET = 0.875
 #: ...and the next one waits for this many new inodes (FORGETs arrive asynchronously).
@@ -277,7 +279,8 @@ class InodeTable(Generic[InodeT]):
         if soft == resource.RLIM_INFINITY:
             self.capacity = 0
             return
-        self.capacity = max(64, int(soft * (1 - PRUNE_RESERVE) / self._fds_per_inode))
+        reserve = min(soft // 4, max(PRUNE_RESERVE_MIN, int(soft * PRUNE_RESERVE)))
+        self.capacity = max(64, int((soft - reserve) / self._fds_per_inode))
 
     def _pick_victims(self, force: bool = False) -> list[int]:
         """The oldest unopened inodes to prune, if the table is past capacity and the last

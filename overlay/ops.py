@@ -63,8 +63,9 @@ class OverlayFs(Filesystem):
         return inode
 
     def init(self) -> None:
-        # A merged directory holds an fd per layer it is in, most inodes hold one.
-        self.sb.inodes.enable_pruning(self.sb.notifier, fds_per_inode=1.5)
+        # Most inodes hold one fd (a merged directory one per layer it is in, but they are
+        # few); a lookup that meets EMFILE anyway prunes and retries (native_ops).
+        self.sb.inodes.enable_pruning(self.sb.notifier)
 
     def relieve_fds(self) -> bool:
         return self.sb.inodes.prune_now()
