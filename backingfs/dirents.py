@@ -18,12 +18,14 @@ rejected and does *not* give that entry's reference back: the bridge does that.
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Generic, NamedTuple, TypeVar
 
+from . import fdpressure
 from .fsapi import DirEntry, Entry, ReaddirReply
 
 P = TypeVar("P")
@@ -96,7 +98,7 @@ MakeEntry = Callable[[bytes, P], DirEntry | Awaitable[DirEntry]]
 
 
 async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
-               reply: ReaddirReply) -> int:
+               reply: ReaddirReply, relieve: Callable[[], bool] | None = None) -> int:
     """Reply with the snapshot's entries from ``off`` until ``reply`` returns False.
 
     For each item, ``make_entry(name, payload)`` (plain or async) builds a ``DirEntry``
@@ -107,7 +109,8 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
     An item whose ``make_entry`` raises ENOENT vanished since the snapshot and is skipped.
     Any other ``OSError`` is raised if nothing was replied yet; after partial output ``fill``
     stops and returns instead, since an error reply would lose the references already
-    delivered (libfuse passthrough_hp's readdir rule).
+    delivered (libfuse passthrough_hp's readdir rule). Out of fds (EMFILE/ENFILE) on the
+    first item, ``relieve`` (see fdpressure) may free some and the item is tried again.
 
     Returns the number of entries ``reply`` accepted.
     """
@@ -120,9 +123,17 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 continue
-            if accepted == 0:
+            if accepted:
+                return accepted
+            if relieve is None or exc.errno not in fdpressure.NO_FDS:
                 raise
-            return accepted
+            try:
+                entry = await fdpressure.retry(
+                    relieve, functools.partial(make_entry, item.name, item.payload), exc)
+            except OSError as again:
+                if again.errno == errno.ENOENT:
+                    continue
+                raise
         if entry.next_off != item.next_off:
             entry = entry._replace(next_off=item.next_off)
         if not reply(entry):

@@ -66,7 +66,7 @@ PRUNE_TARGET = 0.875
 #: ...and the next one waits for this many new inodes (FORGETs arrive asynchronously).
 PRUNE_SPACING = 0.0625
 #: How often (in new inodes) the fd limit is read again: prlimit(1) may change it.
-_LIMIT_RECHECK = 1024
+_LIMIT_RECHECK = 64
 #: prune_now (out of fds) prunes at most this often, in seconds.
 _FORCED_SPACING = 0.05
 

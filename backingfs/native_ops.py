@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import fdpressure, privs
 from . import fuse_abi as abi
-from . import privs
 from .attrs import Attr
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest
 
@@ -248,33 +248,14 @@ async def lookup(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     try:
         e = await s.fs.lookup(nodeid, name, _caller(ids))
     except OSError as err:
-        if err.errno not in _NO_FDS:
+        if err.errno not in fdpressure.NO_FDS:
             raise
-        e = await _lookup_out_of_fds(s, nodeid, name, ids, err)
+        # Between two prunes (inodes.py): prune now, wait for the FORGETs, try again.
+        e = await fdpressure.retry(s.fs.relieve_fds,
+                                   lambda: s.fs.lookup(nodeid, name, _caller(ids)), err)
     await _reply_entry(s, unique, e)
 
 
-#: Out of fds: how long a lookup waits in all for the FORGETs of pruned inodes.
-_NO_FDS = (errno.EMFILE, errno.ENFILE)
-_NO_FDS_DELAYS = (0.002, 0.01, 0.05, 0.1, 0.25, 0.5)
-
-
-async def _lookup_out_of_fds(s: NativeSession, nodeid: int, name: bytes, ids: Ids,
-                             err: OSError) -> Entry:
-    """A lookup may run into the fd limit between two prunes (the kernel FORGETs pruned
-    inodes asynchronously): prune now and try again for up to about a second, so the
-    caller sees EMFILE only when everything held is in use."""
-    for delay in _NO_FDS_DELAYS:
-        if not s.fs.relieve_fds():
-            break
-        await trio.sleep(delay)
-        try:
-            return await s.fs.lookup(nodeid, name, _caller(ids))
-        except OSError as again:
-            if again.errno not in _NO_FDS:
-                raise
-            err = again
-    raise err
 
 
 @handler(abi.Op.GETATTR)

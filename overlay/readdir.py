@@ -183,7 +183,7 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
     def shifted(entry: DirEntry) -> bool:
         return reply(DirEntry(entry.name, entry.entry, entry.next_off + DOT_ENTRIES))
 
-    await fill(snap, start, make, shifted)
+    await fill(snap, start, make, shifted, relieve=sb.inodes.prune_now)
 
 
 async def releasedir(sb: Superblock, fh: int) -> None:
