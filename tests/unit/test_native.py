@@ -5,6 +5,7 @@ and the mount option sorting."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -510,6 +511,52 @@ def test_notifier_messages(sess: PipeSession) -> None:
     assert sorted(msgs[2:]) == sorted([
         (abi.NOTIFY_INVAL_ENTRY, abi.NOTIFY_INVAL_ENTRY_OUT.pack(1, 4, 0) + b"name\0"),
         (abi.NOTIFY_DELETE, abi.NOTIFY_DELETE_OUT.pack(1, 14, 4, 0) + b"gone\0")])
+
+
+def test_prune_message_from_the_loop_and_from_a_thread(sess: PipeSession) -> None:
+    from backingfs.native import NativeNotifier
+
+    notifier = NativeNotifier(sess)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            sess._nursery = nursery
+            notifier.prune([5, 1 << 40, 7])       # on the loop: written by a worker
+        sess._nursery = None
+        await trio.to_thread.run_sync(notifier.prune, [9])   # a worker: written at once
+        notifier.prune([])                        # nothing to ask: no message
+
+    trio.run(main)
+    for inos in ([5, 1 << 40, 7], [9]):
+        error, unique, body = sess.take()
+        assert (error, unique) == (abi.NOTIFY_PRUNE, 0)
+        assert body == abi.NOTIFY_PRUNE_OUT.pack(len(inos), 0, 0) + struct.pack(
+            f"={len(inos)}Q", *inos)
+    os.set_blocking(sess.rfd, False)
+    with pytest.raises(BlockingIOError):
+        os.read(sess.rfd, 1)
+
+
+def test_prune_refused_by_an_old_kernel_is_not_asked_again(
+        sess: PipeSession, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from backingfs import native
+    from backingfs.native import NativeNotifier
+
+    writes: list[bytes] = []
+
+    def refuse(fd: int, data: bytes) -> int:
+        writes.append(data)
+        raise OSError(errno.EINVAL, "unknown notify code")
+
+    monkeypatch.setattr(native.os, "write", refuse)
+    notifier = NativeNotifier(sess)
+    caplog.set_level(logging.INFO, logger="backingfs.native")
+    trio.run(trio.to_thread.run_sync, notifier.prune, [5])
+    assert not notifier.can_prune and len(writes) == 1
+    assert "cannot prune" in caplog.text
+    trio.run(trio.to_thread.run_sync, notifier.prune, [6])
+    assert len(writes) == 1
 
 
 def test_frontend_choice_takes_session_and_passthrough_out(
