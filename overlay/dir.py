@@ -228,8 +228,8 @@ async def link(sb: Superblock, inode: OvlInode, parent: OvlInode, name: bytes,
 async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags: int,
                  caller: Caller) -> tuple[OpenReply, Entry]:
     inode = await _make(sb, parent, name, caller, KIND_REG, stat.S_IFREG | mode)
+    entry = _entry(sb, inode)  # gives the lookup back itself if it fails
     try:
-        entry = _entry(sb, inode)
         return open_new(sb, inode, flags), entry
     except BaseException:
         sb.inodes.forget(inode.ino, 1)
