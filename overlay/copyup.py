@@ -102,23 +102,31 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
         origin = inode.key if isinstance(inode.key, int) else None
         args = (sb, parent.upper, inode.name, inode.lowers[0].fd,
                 inode.lowers[0].layer.index, origin, size)
-        if not _is_small(inode.lowers[0].fd, size) or not PRESSURE.is_idle():
-            upper, st = await trio.to_thread.run_sync(_copy_up_sync, *args)
-        elif sb.sync.is_syncing:
-            upper, st = await _copy_up_inline(*args)
-        else:
-            upper, st = _copy_up_sync(*args)
-        if inode.upper is None:
-            inode.upper = upper
-        else:
-            # A lookup adopted the new upper while our thread returned (namei.adopt sets
-            # ``upper`` on the loop once the rename made it visible): the same object.
-            # Keep the fd others may already use; ours was seen by no one.
-            os.close(upper)
-        inode.upper_xwhiteouts = False
-        inode.attrs.invalidate()
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and inode is not sb.inodes.root:
-            await _broke_hard_link(sb, inode)
+        link = (parent.ino, inode.name)
+        if isinstance(inode.key, tuple) and inode.key[0] == "lower-link":
+            sb.copying_links[link] = inode
+        try:
+            if not _is_small(inode.lowers[0].fd, size) or not PRESSURE.is_idle():
+                upper, st = await trio.to_thread.run_sync(_copy_up_sync, *args)
+            elif sb.sync.is_syncing:
+                upper, st = await _copy_up_inline(*args)
+            else:
+                upper, st = _copy_up_sync(*args)
+            if inode.upper is None:
+                inode.upper = upper
+            else:
+                # A lookup adopted the new upper while our thread returned (namei.adopt
+                # sets ``upper`` on the loop once the rename made it visible): the same
+                # object. Keep the fd others may already use; ours was seen by no one.
+                os.close(upper)
+            inode.upper_xwhiteouts = False
+            inode.attrs.invalidate()
+            if (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
+                    and inode is not sb.inodes.root):
+                await _broke_hard_link(sb, inode)
+        finally:
+            if sb.copying_links.get(link) is inode:
+                del sb.copying_links[link]
 
 
 async def _broke_hard_link(sb: Superblock, inode: OvlInode) -> None:

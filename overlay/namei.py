@@ -182,6 +182,13 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
         # up whichever name it was last looked up as, and the kernel's cached dentries of
         # the other names would see the copy's data.
         key = ("lower-link", key, parent.ino, name)
+    elif res.upper is not None and not res.is_dir:
+        copying = sb.copying_links.get((parent.ino, name))
+        if copying is not None and sb.inodes.find(key) is None:
+            # The copy of a lower hard link under this name was renamed into place and
+            # the copy-up has not re-keyed its inode yet: this is that inode, or its
+            # open handles would go stale under a second one (copyup._broke_hard_link).
+            sb.inodes.rekey(copying, key)
     created: list[OvlInode] = []
 
     def make(ino: int) -> OvlInode:

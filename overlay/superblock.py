@@ -77,6 +77,10 @@ class Superblock:
         self.sync = SyncPolicy(fsync=params.fsync, volatile=params.volatile)
         #: The front-end's Notifier (set through OverlayFs.notifier); None outside a session.
         self.notifier: Notifier | None = None
+        #: Copy-ups of lower hard links in flight, by (parent ino, name): the new upper file
+        #: gets a key of its own (``copyup._broke_hard_link``), so a lookup that finds it
+        #: before the copy-up re-keys the inode must take this inode (``namei.adopt``).
+        self.copying_links: dict[tuple[int, bytes], OvlInode] = {}
         self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)

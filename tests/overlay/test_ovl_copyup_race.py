@@ -70,3 +70,54 @@ def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
         assert (dirs["upper"] / "f").read_bytes() == b"lower data"
     finally:
         sb.inodes.forget_all()
+
+
+def test_lookup_during_copy_up_of_a_lower_hard_link_keeps_one_inode(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy of a lower hard link is a new file with a key of its own, given to the
+    inode only after the worker returns (``_broke_hard_link``). A lookup of the name in
+    between used to make a second inode for the new upper file, and the copy-up then
+    marked the first one stale: ESTALE on the open handle that triggered the copy-up."""
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["lower"] / "a").write_bytes(b"linked data")
+    os.link(dirs["lower"] / "a", dirs["lower"] / "b")
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    renamed, resume = threading.Event(), threading.Event()
+    real = copyup._copy_up_sync
+
+    def copy_then_wait(*args: Any) -> Any:
+        result = real(*args)
+        renamed.set()
+        resume.wait(10)
+        return result
+
+    monkeypatch.setattr(copyup, "_copy_up_sync", copy_then_wait)
+    monkeypatch.setattr(copyup, "_is_small", lambda fd, size: False)
+    before = open_fds()
+
+    async def race() -> None:
+        root = sb.inodes.root
+        inode = namei.adopt(sb, root, b"a", namei.resolve(sb, root, b"a"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copyup.copy_up, sb, inode)
+            await trio.to_thread.run_sync(renamed.wait)
+            again = namei.adopt(sb, root, b"a", namei.resolve(sb, root, b"a"))
+            assert again is inode and inode.upper is not None
+            sb.inodes.forget(inode.ino, 1)
+            resume.set()
+        assert not inode.is_stale
+        assert sb.inodes.find(inode.key) is inode
+        assert os.path.samestat(os.fstat(inode.upper), os.lstat(dirs["upper"] / "a"))
+        assert sb.copying_links == {}
+        sb.inodes.forget(inode.ino, 1)
+
+    try:
+        trio.run(race)
+        assert open_fds() == before
+        assert (dirs["upper"] / "a").read_bytes() == b"linked data"
+    finally:
+        sb.inodes.forget_all()
