@@ -27,12 +27,19 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def paused_copy_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lower: dict[str, bytes],
+                   links: dict[str, str] | None = None
+                   ) -> tuple[dict[str, Path], Superblock, threading.Event, threading.Event]:
+    """An overlay superblock over ``lower`` (name: content, plus hard ``links`` new: old)
+    whose copy-ups run in the worker (even small ones) and wait after the rename until
+    ``resume`` is set; ``renamed`` is set once the upper object is in place."""
     dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
     for d in dirs.values():
         d.mkdir()
-    (dirs["lower"] / "f").write_bytes(b"lower data")
+    for name, data in lower.items():
+        (dirs["lower"] / name).write_bytes(data)
+    for new, old in (links or {}).items():
+        os.link(dirs["lower"] / old, dirs["lower"] / new)
     params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
                        workdir=str(dirs["work"]))
     sb = Superblock.mount(params, str(dirs["mnt"]))
@@ -48,6 +55,12 @@ def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
     monkeypatch.setattr(copyup, "_copy_up_sync", copy_then_wait)
     # A small file is copied on the loop (the race needs the worker's thread)
     monkeypatch.setattr(copyup, "_is_small", lambda fd, size: False)
+    return dirs, sb, renamed, resume
+
+
+def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs, sb, renamed, resume = paused_copy_up(tmp_path, monkeypatch, {"f": b"lower data"})
     before = open_fds()
 
     async def race() -> None:
@@ -78,25 +91,8 @@ def test_lookup_during_copy_up_of_a_lower_hard_link_keeps_one_inode(
     inode only after the worker returns (``_broke_hard_link``). A lookup of the name in
     between used to make a second inode for the new upper file, and the copy-up then
     marked the first one stale: ESTALE on the open handle that triggered the copy-up."""
-    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
-    for d in dirs.values():
-        d.mkdir()
-    (dirs["lower"] / "a").write_bytes(b"linked data")
-    os.link(dirs["lower"] / "a", dirs["lower"] / "b")
-    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
-                       workdir=str(dirs["work"]))
-    sb = Superblock.mount(params, str(dirs["mnt"]))
-    renamed, resume = threading.Event(), threading.Event()
-    real = copyup._copy_up_sync
-
-    def copy_then_wait(*args: Any) -> Any:
-        result = real(*args)
-        renamed.set()
-        resume.wait(10)
-        return result
-
-    monkeypatch.setattr(copyup, "_copy_up_sync", copy_then_wait)
-    monkeypatch.setattr(copyup, "_is_small", lambda fd, size: False)
+    dirs, sb, renamed, resume = paused_copy_up(tmp_path, monkeypatch, {"a": b"linked data"},
+                                               links={"b": "a"})
     before = open_fds()
 
     async def race() -> None:
