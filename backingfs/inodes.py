@@ -69,6 +69,8 @@ PRUNE_SPACING = 0.0625
 _LIMIT_RECHECK = 64
 #: prune_now (out of fds) prunes at most this often, in seconds.
 _FORCED_SPACING = 0.05
+#: The most fds per inode learned from running out (a directory in many lower layers).
+_MAX_FDS_PER_INODE = 16.0
 
 
 class Inode:
@@ -282,6 +284,23 @@ class InodeTable(Generic[InodeT]):
         reserve = min(soft // 4, max(PRUNE_RESERVE_MIN, int(soft * PRUNE_RESERVE)))
         self.capacity = max(64, int((soft - reserve) / self._fds_per_inode))
 
+    def _learn_fds_per_inode(self) -> None:
+        """Out of fds with the table under its capacity: inodes cost more fds than assumed
+        (an overlay directory holds one per layer it is in). The limit is what is in use
+        now, so limit / inodes bounds the real cost: use it from here on. Caller holds
+        _lock."""
+        if self._fixed_capacity is not None or len(self._by_ino) > self.capacity:
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        learned = min(_MAX_FDS_PER_INODE, soft / max(1, len(self._by_ino)))
+        if learned > self._fds_per_inode:
+            log.info("out of fds with %d inodes: counting %.2f fds per inode, not %.2f",
+                     len(self._by_ino), learned, self._fds_per_inode)
+            self._fds_per_inode = learned
+            self._read_limit()
+
     def _pick_victims(self, force: bool = False) -> list[int]:
         """The oldest unopened inodes to prune, if the table is past capacity and the last
         prune is far enough behind (or ``force``). They move to the young end, so one the
@@ -328,6 +347,8 @@ class InodeTable(Generic[InodeT]):
             if now - self._last_forced < _FORCED_SPACING:
                 return True
             self._last_forced = now
+            self._read_limit()
+            self._learn_fds_per_inode()
             victims = self._pick_victims(force=True)
         if victims:
             self._send_prune(victims)

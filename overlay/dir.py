@@ -344,7 +344,11 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
     exchange = bool(flags & RENAME_EXCHANGE)
     held: list[OvlInode] = []
     src = resolve(sb, old_parent, old_name)
-    dst = resolve(sb, new_parent, new_name)
+    try:
+        dst = resolve(sb, new_parent, new_name)
+    except BaseException:
+        src.close()  # out of fds for the second name: the first one's must not leak
+        raise
     try:
         if not src.exists:
             raise OSError(errno.ENOENT, "no such file or directory", old_name)

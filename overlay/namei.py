@@ -117,8 +117,13 @@ def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved
         if res.st is not None and not is_dir:
             return  # a directory above hides a non-directory below
         fd = open_path(lower.fd, name)
-        # The walk ends after the bottom lower anyway: its opacity is not needed there.
-        opaque, xwh = wo.dir_state(fd, sb.prefix, i == bottom) if is_dir else (False, False)
+        try:
+            # The walk ends after the bottom lower anyway: its opacity is not needed there.
+            opaque, xwh = (wo.dir_state(fd, sb.prefix, i == bottom) if is_dir
+                           else (False, False))
+        except BaseException:
+            os.close(fd)
+            raise
         res.lowers.append(LowerRef(lower.layer, fd, xwh))
         if res.st is None:
             res.st = st

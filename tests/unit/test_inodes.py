@@ -474,3 +474,22 @@ def test_prune_now_prunes_below_capacity_and_without_a_notifier_nothing() -> Non
     assert _pruned(notifier) == [100 + i for i in range(10)]
     assert table.prune_now() is True   # at once again: no second prune
     assert len(notifier.calls) == 1
+
+
+def test_running_out_of_fds_under_capacity_learns_the_cost_of_an_inode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlay directories hold an fd per layer: EMFILE while the table is under its
+    capacity means inodes cost more than assumed; the capacity shrinks to match."""
+    import backingfs.inodes as inodes_mod
+
+    monkeypatch.setattr(inodes_mod.resource, "getrlimit", lambda which: (200, 200))
+    table = make_table()
+    notifier = RecordingNotifier()
+    table.enable_pruning(notifier)
+    assert table.capacity == 150            # 200 fds, a quarter kept free, 1 fd per inode
+    for i in range(140):
+        table.lookup(i, maker(i), preferred_ino=100 + i)
+    assert notifier.calls == []             # under capacity
+    assert table.prune_now() is True        # but the daemon met EMFILE
+    assert table.capacity == int(150 / (200 / 141))
+    assert len(_pruned(notifier)) == 141 - int(table.capacity * 0.875)

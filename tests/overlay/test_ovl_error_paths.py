@@ -1,0 +1,101 @@
+"""Error paths of overlay operations: every reference and fd given back exactly once.
+
+- The entry reply of a create carries one lookup reference; if building that reply fails,
+  the reference was never delivered and must be dropped once: twice would evict an inode
+  another lookup still holds (its fds closed under it), zero would leak it.
+- Out of fds halfway (EMFILE), what was opened before is closed: found by tools/soak.py
+  under a 300-fd limit, where the daemon keeps working by having the kernel prune inodes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from backingfs.fsapi import Caller
+from overlay import dir as ovl_dir
+from overlay.params import OvlParams
+from overlay.superblock import Superblock
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("failing", ["make_entry", "open_new"])
+def test_failed_create_drops_its_lookup_once(tmp_path: Path, failing: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    caller = Caller(os.getuid(), os.getgid(), os.getpid(), 0o022)
+
+    held: list[int] = []
+
+    def fail(sb_: Superblock, inode: object, *args: object) -> None:
+        # A lookup of the new name by another caller got in first: it holds one reference.
+        ino = inode.ino  # type: ignore[attr-defined]
+        sb_.inodes.ref(ino)
+        held.append(ino)
+        raise OSError(errno.EIO, "injected")
+
+    async def main() -> None:
+        root = sb.inodes.root
+        monkeypatch.setattr(ovl_dir, failing, fail)
+        with pytest.raises(OSError):
+            await ovl_dir.create(sb, root, b"f", stat.S_IFREG | 0o644,
+                                 os.O_WRONLY | os.O_CREAT, caller)
+        monkeypatch.undo()
+        # Only the create's own reference went back: the other lookup still holds f.
+        assert sb.inodes.get(held[0]).lookups == 1
+        sb.inodes.forget(held[0], 1)
+
+    try:
+        trio.run(main)
+        assert sb.inodes.statistics().inodes == 1   # the root
+    finally:
+        sb.inodes.forget_all()
+
+
+def _fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_out_of_fds_on_the_second_name_of_a_rename_leaks_nothing(tmp_path: Path) -> None:
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["lower"] / "a").write_bytes(b"a")
+    (dirs["lower"] / "b").write_bytes(b"b")
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    async def main() -> None:
+        root = sb.inodes.root
+        before = _fds()
+        probe = os.open("/dev/null", os.O_RDONLY)   # the lowest free fd number
+        os.close(probe)
+        # Room for exactly one more fd: "a" gets it, "b" meets EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 1, hard))
+        try:
+            with pytest.raises(OSError) as exc:
+                await ovl_dir.rename(sb, root, b"a", root, b"b", 0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert exc.value.errno == errno.EMFILE
+        assert _fds() == before
+
+    try:
+        trio.run(main)
+        assert (dirs["lower"] / "a").exists() and not os.listdir(dirs["upper"])
+    finally:
+        sb.inodes.forget_all()
