@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from backingfs import getdents, syscalls
+from backingfs import fdpressure, getdents, syscalls
 from backingfs.attrs import Attr
 from backingfs.dirents import (
     DOT_ENTRIES,
@@ -234,7 +234,15 @@ async def readdir_inode(fs: PassthruFs, ino: int, off: int, reply: ReaddirReply)
     inode = fs.live(ino)
     if inode.fmt != stat.S_IFDIR:
         raise OSError(errno.ENOTDIR, "not a directory")
-    dfd = syscalls.reopen(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        dfd = syscalls.reopen(inode.fd, flags)
+    except OSError as e:
+        if e.errno not in fdpressure.NO_FDS:
+            raise
+        # Nothing listed yet: wait for the FORGETs of a prune, as a lookup does.
+        dfd = await fdpressure.retry(fs.inodes.prune_now,
+                                     lambda: syscalls.reopen(inode.fd, flags), e)
     try:
         await _fill_from(fs, inode, dfd, off, reply)
     finally:
