@@ -58,21 +58,31 @@ def paused_copy_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lower: dict[
     return dirs, sb, renamed, resume
 
 
+async def copy_up_with_lookup(sb: Superblock, name: bytes, renamed: threading.Event,
+                              resume: threading.Event) -> Any:
+    """Look ``name`` up in the root, copy it up, and look it up again while the paused
+    copy-up has renamed the upper object into place but not yet returned: the second
+    lookup must find the same inode, with its upper. Returns that inode, holding the
+    first lookup's reference."""
+    root = sb.inodes.root
+    inode = namei.adopt(sb, root, name, namei.resolve(sb, root, name))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(copyup.copy_up, sb, inode)
+        await trio.to_thread.run_sync(renamed.wait)
+        again = namei.adopt(sb, root, name, namei.resolve(sb, root, name))
+        assert again is inode and inode.upper is not None   # adopted by the lookup
+        sb.inodes.forget(inode.ino, 1)
+        resume.set()
+    return inode
+
+
 def test_lookup_adopting_the_upper_during_copy_up_leaks_no_fd(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dirs, sb, renamed, resume = paused_copy_up(tmp_path, monkeypatch, {"f": b"lower data"})
     before = open_fds()
 
     async def race() -> None:
-        root = sb.inodes.root
-        inode = namei.adopt(sb, root, b"f", namei.resolve(sb, root, b"f"))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(copyup.copy_up, sb, inode)
-            await trio.to_thread.run_sync(renamed.wait)
-            again = namei.adopt(sb, root, b"f", namei.resolve(sb, root, b"f"))
-            assert again is inode and inode.upper is not None   # adopted by the lookup
-            sb.inodes.forget(inode.ino, 1)
-            resume.set()
+        inode = await copy_up_with_lookup(sb, b"f", renamed, resume)
         assert inode.upper is not None
         assert os.path.samestat(os.fstat(inode.upper), os.lstat(dirs["upper"] / "f"))
         sb.inodes.forget(inode.ino, 1)   # the kernel forgets: evicted, its fds closed
@@ -96,15 +106,7 @@ def test_lookup_during_copy_up_of_a_lower_hard_link_keeps_one_inode(
     before = open_fds()
 
     async def race() -> None:
-        root = sb.inodes.root
-        inode = namei.adopt(sb, root, b"a", namei.resolve(sb, root, b"a"))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(copyup.copy_up, sb, inode)
-            await trio.to_thread.run_sync(renamed.wait)
-            again = namei.adopt(sb, root, b"a", namei.resolve(sb, root, b"a"))
-            assert again is inode and inode.upper is not None
-            sb.inodes.forget(inode.ino, 1)
-            resume.set()
+        inode = await copy_up_with_lookup(sb, b"a", renamed, resume)
         assert not inode.is_stale
         assert sb.inodes.find(inode.key) is inode
         assert os.path.samestat(os.fstat(inode.upper), os.lstat(dirs["upper"] / "a"))
