@@ -173,3 +173,32 @@ def fs(request: pytest.FixtureRequest, target_session: TargetSession) -> Iterato
         yield path
     finally:
         target_session.after_test()
+
+
+# --- Early jobs ----------------------------------------------------------------------------
+# A test module may define ``start_early(session)`` and ``stop_early()``: long subprocess jobs
+# (fsx, the nested overlay suites) that its tests only wait for. They start as soon as
+# collection ends and run beside the rest of the suite, which keeps about one of the two
+# vCPUs busy, instead of after it; a module's own fixtures still start them when the hook
+# did not (a module run on its own). ``stop_early`` ends whatever is left, also when the
+# run is interrupted.
+
+def _early_modules(session: pytest.Session) -> list[object]:
+    seen: dict[str, object] = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early"):
+            seen.setdefault(module.__name__, module)
+    return list(seen.values())
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    for module in _early_modules(session):
+        module.start_early(session)  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for module in _early_modules(session):
+        module.stop_early()  # type: ignore[attr-defined]

@@ -2,12 +2,11 @@
 and through overlay (the file in the lower layer, so the first write copies it up), each with
 and without the kernel's writeback cache, and every run must end clean (exit 0).
 
-The four runs are started together when the first of these tests begins (a module fixture)
-and each test waits for its own. The cost is the daemon's (fsx itself is ~6% of the CPU): one
-200k run takes 135-170 CPU-seconds (fsx + daemon; 2026-11-22, 2 shared vCPUs), 290-650 s of
-wall time each when run one after another on that loaded machine, about 30 minutes for four;
-side by side the four took 309 s (548 s while other jobs kept the load average at 7-9), as
-each fsx and its daemon mostly wait for each other: about 550 CPU-seconds for the four.
+The four runs are started together as soon as collection ends (``start_early``, called by
+conftest.py), so they run beside the rest of the suite, and each test waits for its own.
+The cost is the daemon's (fsx itself is ~6% of the CPU). Side by side the four took about
+150 s of wall time on an idle 2-vCPU VM (2026-12-04), 309-548 s on a loaded one
+(2026-11-22), about 550 CPU-seconds in all.
 Each fsx mounts and unmounts its own daemon; a run still going at the deadline is
 interrupted (SIGINT: fsx unmounts in ``finally``), then its process group is killed, and
 anything left mounted under its directory is lazily unmounted.
@@ -35,9 +34,9 @@ from backingfs.testing import REPO_ROOT, TARGETS
 
 FSX = str(Path(REPO_ROOT) / "tools" / "fsx.py")
 OPS = int(os.environ.get("FSX_CI_OPS", "200000"))
-#: Wall-clock limit for all four runs together (they run side by side): a hang guard, not
-#: the expected time (about 5 minutes on 2 vCPUs; 9 when other jobs load them as well).
-DEADLINE = 900.0
+#: Wall-clock limit for all four runs together (they run side by side, and beside the rest
+#: of the suite): a hang guard, not the expected time (about 3-5 minutes on 2 vCPUs).
+DEADLINE = 1200.0
 #: (test id, fsx --target, fsx --opts, seed)
 CONFIGS = [
     ("passthru", "passthru", None, 2026_1122_1),
@@ -92,32 +91,50 @@ def selected_configs(session: pytest.Session) -> list[str]:
     return names
 
 
+#: The runs of this session, once started (by ``start_early`` or the fixture).
+_runs: dict[str, FsxRun] | None = None
+
+
+def start_early(session: pytest.Session) -> None:
+    """Start every selected configuration at once, when collection ends (conftest.py):
+    they run beside the rest of the suite."""
+    global _runs
+    if _runs is not None:
+        return
+    _runs = {}
+    wanted = set(selected_configs(session))
+    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    for name, target, opts, seed in CONFIGS:
+        if name not in wanted or TARGETS[target].unavailable():
+            continue
+        base = factory.mktemp(f"fsx-{name}")
+        trace, log = base / "trace.jsonl", base / "fsx.log"
+        argv = [sys.executable, FSX, "--target", target, "--seed", str(seed),
+                "--ops", str(OPS), "--dir", str(base), "--trace", str(trace)]
+        if opts:
+            argv += ["--opts", opts]
+        with open(log, "wb") as out:
+            # Its own session: the process group holds fsx and the daemon it starts.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                    start_new_session=True)
+        _runs[name] = FsxRun(name, argv, base, trace, log, proc, time.monotonic())
+
+
+def stop_early() -> None:
+    for run in (_runs or {}).values():
+        run.stop()
+
+
 @pytest.fixture(scope="module")
-def fsx_runs(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FsxRun]]:
-    """Start every selected configuration at once; stop whatever is left at the end."""
-    wanted = set(selected_configs(request.session))
-    runs: dict[str, FsxRun] = {}
+def fsx_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, FsxRun]]:
+    """The runs started early; whatever is left is stopped at the end of the module."""
     try:
-        for name, target, opts, seed in CONFIGS:
-            if name not in wanted or TARGETS[target].unavailable():
-                continue
-            base = tmp_path_factory.mktemp(f"fsx-{name}")
-            trace, log = base / "trace.jsonl", base / "fsx.log"
-            argv = [sys.executable, FSX, "--target", target, "--seed", str(seed),
-                    "--ops", str(OPS), "--dir", str(base), "--trace", str(trace)]
-            if opts:
-                argv += ["--opts", opts]
-            with open(log, "wb") as out:
-                # Its own session: the process group holds fsx and the daemon it starts.
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                        start_new_session=True)
-            runs[name] = FsxRun(name, argv, base, trace, log, proc, time.monotonic())
-        yield runs
+        start_early(request.session)
+        assert _runs is not None
+        yield _runs
     finally:
-        for run in runs.values():
-            run.stop()
+        stop_early()
 
 
 @pytest.mark.timeout(DEADLINE + 60)
