@@ -26,6 +26,7 @@ All functions block (they are syscalls); call them from worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -63,9 +64,14 @@ def _on_fd(call: Callable[..., T], fd: int, *args: object) -> T:
     try:
         return call(b"/proc/self/fd/%d" % fd, *args, follow_symlinks=True)
     except FileNotFoundError:
-        # No such magic link: fd is not open (an open fd's link reaches its object even
-        # after the object was unlinked).
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+        # No such magic link means fd is not open (an open fd's link reaches its object even
+        # after the object was unlinked); an open fd's ENOENT is the filesystem's own answer
+        # (a FUSE or network filesystem below us may give it) and goes up as it is.
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
+        raise
 
 
 def getxattrat(dir_fd: int, entry: Name, name: Name) -> bytes:

@@ -175,13 +175,7 @@ def fs(request: pytest.FixtureRequest, target_session: TargetSession) -> Iterato
         target_session.after_test()
 
 
-# --- Early jobs ----------------------------------------------------------------------------
-# A test module may define ``start_early(session)`` and ``stop_early()``: long subprocess jobs
-# (fsx, the nested overlay suites) that its tests only wait for. They start as soon as
-# collection ends and run beside the rest of the suite, which keeps about one of the two
-# vCPUs busy, instead of after it; a module's own fixtures still start them when the hook
-# did not (a module run on its own). ``stop_early`` ends whatever is left, also when the
-# run is interrupted.
+# --- Early jobs (tests/earlyjobs.py) ---------------------------------------------------------
 
 def _early_modules(session: pytest.Session) -> list[object]:
     seen: dict[str, object] = {}

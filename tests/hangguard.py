@@ -10,7 +10,8 @@ So every test item (setup, call and teardown) runs under a watchdog thread that 
 ``GRACE`` seconds after the item's own pytest-timeout:
 
 1. it names the test and dumps every thread's stack on stderr;
-2. it aborts every FUSE connection that did not exist when the run started (through the
+2. it aborts every FUSE connection that did not exist when the run started, but for those
+   of the jobs running beside the suite (tests/earlyjobs.py; through the
    fusectl filesystem, mounted if needed): each waiting request fails with ENOTCONN, the
    daemon's next read of /dev/fuse fails with ENODEV and it exits, so the test's thread
    wakes, pytest-timeout's exception (or the test's own error) fails the test, and the
@@ -41,6 +42,21 @@ EXIT_AFTER = float(os.environ.get("HANGGUARD_EXIT_AFTER", "120"))
 FUSECTL = "/sys/fs/fuse/connections"
 
 _known_at_start: set[str] = set()
+#: Mountpoints under these are left alone: the jobs that run beside the suite
+#: (tests/earlyjobs.py). A nested run is given its own directory in ``HANGGUARD_ONLY_UNDER``
+#: and aborts only what is mounted under it.
+_spared: list[str] = []
+_ONLY_UNDER = os.environ.get("HANGGUARD_ONLY_UNDER")
+
+
+def spare(directory: str) -> None:
+    _spared.append(directory.rstrip("/") + "/")
+
+
+def _ours(mountpoint: str) -> bool:
+    if any(mountpoint.startswith(d) for d in _spared):
+        return False
+    return _ONLY_UNDER is None or mountpoint.startswith(_ONLY_UNDER.rstrip("/") + "/")
 
 
 def fuse_connections() -> dict[str, str]:
@@ -64,13 +80,14 @@ def remember_existing() -> None:
 
 
 def abort_new_connections() -> list[str]:
-    """Abort the FUSE connections made since the run started; the mountpoints aborted."""
+    """Abort the FUSE connections made since the run started (but not those of the jobs
+    beside it, see ``spare``); the mountpoints aborted."""
     if not os.path.isdir(os.path.join(FUSECTL, ".")) or not os.listdir(FUSECTL):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL],
                        capture_output=True, timeout=10)
     aborted = []
     for conn, mountpoint in fuse_connections().items():
-        if conn in _known_at_start:
+        if conn in _known_at_start or not _ours(mountpoint):
             continue
         try:
             with open(os.path.join(FUSECTL, conn, "abort"), "w") as f:

@@ -11,15 +11,18 @@ beside the rest of the suite; each test waits for its own."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from earlyjobs import EarlyJobs, niced, selected_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +35,7 @@ LIMIT = 840.0
 
 @dataclass
 class NestedRun:
+    base: Path
     proc: subprocess.Popen[bytes]
     log: Path
     started: float
@@ -48,54 +52,49 @@ class NestedRun:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not is_mounted_under(self.base):
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
-_runs: dict[str, NestedRun] | None = None
+def is_mounted_under(base: Path) -> bool:
+    prefix = str(base) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].startswith(prefix) for line in f)
 
 
-def _nested() -> bool:
-    """A run on a chosen front-end is itself one of these nested runs (or was asked for
-    one front-end by hand): nothing to nest."""
-    return bool(os.environ.get("BACKINGFS_SESSION") or os.environ.get("BACKINGFS_PASSTHROUGH"))
-
-
-def start_early(session: pytest.Session) -> None:
-    global _runs
-    if _runs is not None:
-        return
-    _runs = {}
-    if _nested():
-        return
-    wanted = {item.callspec.id for item in session.items  # type: ignore[attr-defined]
-              if getattr(item, "module", None) is not None
-              and item.module.__name__ == __name__ and hasattr(item, "callspec")}
-    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
-    for frontend in sorted(wanted & FRONTENDS.keys()):
-        base = factory.mktemp(f"nested-{frontend}")
+def launch(session: pytest.Session) -> dict[str, NestedRun]:
+    # A run on a chosen front-end is itself one of these nested runs (or was asked for one
+    # front-end by hand): nothing to nest.
+    if os.environ.get("BACKINGFS_SESSION") or os.environ.get("BACKINGFS_PASSTHROUGH"):
+        return {}
+    runs = {}
+    for frontend in sorted(selected_ids(session, __name__) & FRONTENDS.keys()):
+        # Its own TMPDIR (the suite's mounts live in tempfile directories, readable by the
+        # unprivileged user of the permission tests, so not under pytest's 0700 tmp_path):
+        # its hang guard aborts only what is mounted there, ours spares it.
+        base = Path(tempfile.mkdtemp(prefix=f"nested-{frontend}-"))
+        os.chmod(base, 0o755)
         log = base / "pytest.log"
-        env = {**os.environ, **FRONTENDS[frontend]}
+        env = {**os.environ, **FRONTENDS[frontend], "TMPDIR": str(base),
+               "HANGGUARD_ONLY_UNDER": str(base)}
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(niced(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "-o", "addopts=", "--basetemp", str(base / "tmp"), "tests/overlay"],
+                 "-o", "addopts=", "--basetemp", str(base / "pytest"), "tests/overlay"]),
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT)
-        _runs[frontend] = NestedRun(proc, log, time.monotonic())
+        runs[frontend] = NestedRun(base, proc, log, time.monotonic())
+    return runs
 
 
-def stop_early() -> None:
-    for run in (_runs or {}).values():
-        run.stop()
+JOBS: EarlyJobs[NestedRun] = EarlyJobs(launch)
+start_early = JOBS.start
+stop_early = JOBS.stop
 
 
 @pytest.fixture(scope="module")
 def nested_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, NestedRun]]:
-    try:
-        start_early(request.session)
-        assert _runs is not None
-        yield _runs
-    finally:
-        stop_early()
+    yield from JOBS.serve(request.session)
 
 
 @pytest.mark.timeout(LIMIT + 60)

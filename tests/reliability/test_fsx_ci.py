@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from earlyjobs import EarlyJobs, niced, selected_ids, temp_factory
 
 from backingfs.testing import REPO_ROOT, TARGETS
 
@@ -81,33 +82,14 @@ class FsxRun:
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
 
 
-def selected_configs(session: pytest.Session) -> list[str]:
-    names = []
-    for item in session.items:
-        callspec = getattr(item, "callspec", None)
-        module = getattr(item, "module", None)
-        if module is not None and module.__name__ == __name__ and callspec:
-            names.append(callspec.id)
-    return names
-
-
-#: The runs of this session, once started (by ``start_early`` or the fixture).
-_runs: dict[str, FsxRun] | None = None
-
-
-def start_early(session: pytest.Session) -> None:
-    """Start every selected configuration at once, when collection ends (conftest.py):
-    they run beside the rest of the suite."""
-    global _runs
-    if _runs is not None:
-        return
-    _runs = {}
-    wanted = set(selected_configs(session))
-    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+def launch(session: pytest.Session) -> dict[str, FsxRun]:
+    """Every selected configuration, all at once."""
+    runs = {}
+    wanted = selected_ids(session, __name__)
     for name, target, opts, seed in CONFIGS:
         if name not in wanted or TARGETS[target].unavailable():
             continue
-        base = factory.mktemp(f"fsx-{name}")
+        base = temp_factory(session).mktemp(f"fsx-{name}")
         trace, log = base / "trace.jsonl", base / "fsx.log"
         argv = [sys.executable, FSX, "--target", target, "--seed", str(seed),
                 "--ops", str(OPS), "--dir", str(base), "--trace", str(trace)]
@@ -115,26 +97,21 @@ def start_early(session: pytest.Session) -> None:
             argv += ["--opts", opts]
         with open(log, "wb") as out:
             # Its own session: the process group holds fsx and the daemon it starts.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+            proc = subprocess.Popen(niced(argv), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                     start_new_session=True)
-        _runs[name] = FsxRun(name, argv, base, trace, log, proc, time.monotonic())
+        runs[name] = FsxRun(name, argv, base, trace, log, proc, time.monotonic())
+    return runs
 
 
-def stop_early() -> None:
-    for run in (_runs or {}).values():
-        run.stop()
+JOBS: EarlyJobs[FsxRun] = EarlyJobs(launch)
+start_early = JOBS.start
+stop_early = JOBS.stop
 
 
 @pytest.fixture(scope="module")
 def fsx_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, FsxRun]]:
-    """The runs started early; whatever is left is stopped at the end of the module."""
-    try:
-        start_early(request.session)
-        assert _runs is not None
-        yield _runs
-    finally:
-        stop_early()
+    yield from JOBS.serve(request.session)
 
 
 @pytest.mark.timeout(DEADLINE + 60)

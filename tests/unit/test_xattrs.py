@@ -92,6 +92,24 @@ def test_bad_fd_stays_ebadf() -> None:
     assert _errno(xattrs.fgetxattr, r, "user.a") == errno.EBADF
 
 
+def test_enoent_of_an_open_fd_is_the_filesystems_own(
+        xdir: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A filesystem below us (FUSE, NFS) may answer ENOENT for an object we hold open: that
+    # answer goes up as it is; only a missing magic link (fd not open) becomes EBADF.
+    (xdir / "f").touch()
+    fd = _open(fds, xdir / "f", os.O_PATH)
+
+    def enoent(*args: object, **kwargs: object) -> bytes:
+        raise FileNotFoundError(errno.ENOENT, "from below")
+
+    monkeypatch.setattr(os, "getxattr", enoent)
+    assert _errno(xattrs.fgetxattr, fd, "user.a") == errno.ENOENT
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    assert _errno(xattrs.fgetxattr, r, "user.a") == errno.EBADF
+
+
 def test_o_path_fd_of_regular_file(xdir: Path, fds: list[int]) -> None:
     (xdir / "f").touch()
     fd = _open(fds, xdir / "f", os.O_PATH)
