@@ -23,6 +23,7 @@ forward it through pyfuse3).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -125,25 +126,16 @@ async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags:
         fd = os.open(name, bflags, dir_fd=parent.fd)
         created = False
     try:
-        if created:
-            try:
-                give_owner(fs, parent, fd, stat.S_IFREG | (mode & 0o7777), caller)
-            except BaseException:
-                os.unlink(name, dir_fd=parent.fd)
-                raise
-        st = os.fstat(fd)
-        path_fd = syscalls.open_path(parent.fd, name)
         try:
-            pst = os.fstat(path_fd)
-            if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
-                # Renamed in SOURCE meanwhile: reach the object through the open fd (the
-                # magic link is followed to the file itself).
-                os.close(path_fd)
-                path_fd = -1
-                path_fd = os.open(syscalls.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+            if created:
+                give_owner(fs, parent, fd, stat.S_IFREG | (mode & 0o7777), caller)
+            st = os.fstat(fd)
+            path_fd = _path_fd_of(parent.fd, name, fd, st)
         except BaseException:
-            if path_fd >= 0:
-                os.close(path_fd)
+            # A failed create leaves no file, as on a local filesystem (where EMFILE comes
+            # before the file is made): the open above may have taken the last free fd.
+            if created:
+                _unlink_if_same(parent.fd, name, fd)
             raise
     except BaseException:
         os.close(fd)
@@ -159,6 +151,33 @@ async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags:
         fs.inodes.forget(inode.ino, 1)
         raise
     return reply, make_entry(fs, inode, st)
+
+
+def _path_fd_of(parent_fd: int, name: bytes, fd: int, st: os.stat_result) -> int:
+    """An O_PATH fd of the object open in ``fd`` (stat ``st``), made as ``name``."""
+    path_fd = syscalls.open_path(parent_fd, name)
+    try:
+        pst = os.fstat(path_fd)
+        if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
+            # Renamed in SOURCE meanwhile: reach the object through the open fd (the
+            # magic link is followed to the file itself).
+            os.close(path_fd)
+            path_fd = -1
+            path_fd = os.open(syscalls.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+    except BaseException:
+        if path_fd >= 0:
+            os.close(path_fd)
+        raise
+    return path_fd
+
+
+def _unlink_if_same(parent_fd: int, name: bytes, fd: int) -> None:
+    """Remove ``name`` if it is still the file open in ``fd`` (best effort)."""
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        now = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(name, dir_fd=parent_fd)
 
 
 async def read(fs: PassthruFs, fh: int, off: int, size: int) -> memoryview:
