@@ -228,12 +228,35 @@ async def link(sb: Superblock, inode: OvlInode, parent: OvlInode, name: bytes,
 async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags: int,
                  caller: Caller) -> tuple[OpenReply, Entry]:
     inode = await _make(sb, parent, name, caller, KIND_REG, stat.S_IFREG | mode)
-    entry = _entry(sb, inode)  # gives the lookup back itself if it fails
+    assert inode.upper is not None and parent.upper is not None
+    made = os.fstat(inode.upper)
     try:
-        return open_new(sb, inode, flags), entry
+        entry = _entry(sb, inode)  # gives the lookup back itself if it fails
+        try:
+            return open_new(sb, inode, flags), entry
+        except BaseException:
+            sb.inodes.forget(inode.ino, 1)
+            raise
     except BaseException:
-        sb.inodes.forget(inode.ino, 1)
+        # As on a local filesystem, a failed create leaves no file (EMFILE opening the
+        # handle, under a small fd limit): a retry with O_EXCL must not meet EEXIST.
+        _unmake_sync(sb, parent, name, made)
         raise
+
+
+def _unmake_sync(sb: Superblock, parent: OvlInode, name: bytes, made: os.stat_result) -> None:
+    """Take back the object ``made`` at ``name`` if it is still there (best effort): the
+    name is then as before the create, a whiteout where a lower layer has it."""
+    assert parent.upper is not None
+    parent_fd = parent.upper
+    with contextlib.suppress(OSError):
+        now = wo.lstat_at(parent_fd, name)
+        if now is None or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+            return
+        if lower_positive(sb, parent, name):
+            _whiteout_sync(sb, parent_fd, name, True)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
 
 
 def _entry(sb: Superblock, inode: OvlInode) -> Entry:

@@ -20,6 +20,7 @@ import trio
 
 from backingfs.fsapi import Caller
 from overlay import dir as ovl_dir
+from overlay.namei import resolve
 from overlay.params import OvlParams
 from overlay.superblock import Superblock
 
@@ -97,5 +98,56 @@ def test_out_of_fds_on_the_second_name_of_a_rename_leaks_nothing(tmp_path: Path)
     try:
         trio.run(main)
         assert (dirs["lower"] / "a").exists() and not os.listdir(dirs["upper"])
+    finally:
+        sb.inodes.forget_all()
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["new-name", "over-a-whiteout"])
+def test_failed_create_leaves_the_name_as_it_was(tmp_path: Path, below: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Out of fds opening the new file's handle: the file made on the upper goes again, and
+    # a whiteout it replaced is back, so the caller's retry with O_EXCL succeeds.
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    if below:
+        (dirs["lower"] / "f").write_bytes(b"from below")
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    caller = Caller(os.getuid(), os.getgid(), os.getpid(), 0o022)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
+    def no_fds(*args: object) -> None:
+        raise OSError(errno.EMFILE, "injected")
+
+    async def main() -> None:
+        root = sb.inodes.root
+        if below:
+            await ovl_dir.unlink(sb, root, b"f")
+        upper_before = os.lstat(dirs["upper"] / "f") if below else None
+        monkeypatch.setattr(ovl_dir, "open_new", no_fds)
+        with pytest.raises(OSError) as exc:
+            await ovl_dir.create(sb, root, b"f", stat.S_IFREG | 0o644, flags, caller)
+        assert exc.value.errno == errno.EMFILE
+        monkeypatch.undo()
+        res = resolve(sb, root, b"f")
+        assert not res.exists
+        res.close()
+        if upper_before is None:
+            assert not os.path.lexists(dirs["upper"] / "f")
+        else:  # a whiteout again (a new one: it was swapped out and back)
+            st = os.lstat(dirs["upper"] / "f")
+            assert stat.S_ISCHR(st.st_mode) == stat.S_ISCHR(upper_before.st_mode)
+            assert st.st_rdev == upper_before.st_rdev
+        reply, entry = await ovl_dir.create(sb, root, b"f", stat.S_IFREG | 0o644, flags,
+                                            caller)
+        await sb.handles.release(reply.fh)
+        sb.inodes.forget(entry.ino, 1)
+
+    try:
+        trio.run(main)
+        assert (dirs["upper"] / "f").read_bytes() == b""
+        assert sb.inodes.statistics().inodes == 1   # the root
     finally:
         sb.inodes.forget_all()
