@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .native import NativeSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ARGS = abi.IN_HEADER.size
 _ATTR_FMT = "QQQqqqIIIIIIIIII"
@@ -245,15 +246,21 @@ async def interrupt(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: 
 @handler(abi.Op.LOOKUP)
 async def lookup(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     name = _name(data, ARGS)
+    await _reply_entry(s, unique,
+                       await _with_fds(s, lambda: s.fs.lookup(nodeid, name, _caller(ids))))
+
+
+async def _with_fds(s: NativeSession, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``; if it runs out of fds between two prunes (inodes.py), prune now, wait
+    for the FORGETs and try again (fdpressure). Only for requests that fail whole: a
+    create that fails takes back what it made (passthru/overlay), so its retry cannot
+    meet EEXIST."""
     try:
-        e = await s.fs.lookup(nodeid, name, _caller(ids))
+        return await call()
     except OSError as err:
         if err.errno not in fdpressure.NO_FDS:
             raise
-        # Between two prunes (inodes.py): prune now, wait for the FORGETs, try again.
-        e = await fdpressure.retry(s.fs.relieve_fds,
-                                   lambda: s.fs.lookup(nodeid, name, _caller(ids)), err)
-    await _reply_entry(s, unique, e)
+        return await fdpressure.retry(s.fs.relieve_fds, call, err)
 
 
 
@@ -325,28 +332,31 @@ async def statfs(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
 async def mknod(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.MKNOD_IN.size)
-    await _reply_entry(s, unique, await s.fs.mknod(nodeid, name, mode, rdev,
-                                                   _caller(ids, umask)))
+    await _reply_entry(s, unique, await _with_fds(
+        s, lambda: s.fs.mknod(nodeid, name, mode, rdev, _caller(ids, umask))))
 
 
 @handler(abi.Op.MKDIR)
 async def mkdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     mode, umask = abi.MKDIR_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.MKDIR_IN.size)
-    await _reply_entry(s, unique, await s.fs.mkdir(nodeid, name, mode, _caller(ids, umask)))
+    await _reply_entry(s, unique, await _with_fds(
+        s, lambda: s.fs.mkdir(nodeid, name, mode, _caller(ids, umask))))
 
 
 @handler(abi.Op.SYMLINK)
 async def symlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     name, target = _two_names(data, ARGS)
-    await _reply_entry(s, unique, await s.fs.symlink(nodeid, name, target, _caller(ids)))
+    await _reply_entry(s, unique, await _with_fds(
+        s, lambda: s.fs.symlink(nodeid, name, target, _caller(ids))))
 
 
 @handler(abi.Op.LINK)
 async def link(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (old,) = abi.LINK_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.LINK_IN.size)
-    await _reply_entry(s, unique, await s.fs.link(old, nodeid, name, _caller(ids)))
+    await _reply_entry(s, unique, await _with_fds(
+        s, lambda: s.fs.link(old, nodeid, name, _caller(ids))))
 
 
 @handler(abi.Op.UNLINK)
@@ -404,7 +414,7 @@ async def _undo_open(s: NativeSession, fh: int) -> None:
 @handler(abi.Op.OPEN)
 async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     flags, kill = abi.OPEN_IN.unpack_from(data, ARGS)
-    reply = await s.fs.open(nodeid, flags, _caller(ids))
+    reply = await _with_fds(s, lambda: s.fs.open(nodeid, flags, _caller(ids)))
     if kill & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
         try:
             await s.fs.kill_suidgid(reply.fh, _caller(ids))
@@ -420,7 +430,8 @@ async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
 async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.CREATE_IN.size)
-    reply, entry = await s.fs.create(nodeid, name, mode, flags, _caller(ids, umask))
+    reply, entry = await _with_fds(
+        s, lambda: s.fs.create(nodeid, name, mode, flags, _caller(ids, umask)))
     open_flags, backing_id = _open_flags(s, entry.ino, reply)
     if not s.reply(unique, entry_out(entry), abi.OPEN_OUT.pack(reply.fh, open_flags,
                                                                backing_id)):

@@ -100,7 +100,14 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
         res = Resolved(st=st, upper=path_fd,
                        st_ino=sb.layers.st_ino(sb.layers.upper, st.st_ino))
         return adopt(sb, parent, name, res)
-    res = resolve(sb, parent, name)
+    made_st = wo.lstat_at(parent_fd, name)
+    try:
+        res = resolve(sb, parent, name)
+    except BaseException:
+        # Out of fds looking at what we made: take it back, so the request fails whole.
+        if made_st is not None:
+            _unmake_sync(sb, parent, name, made_st)
+        raise
     if not res.exists:
         res.close()
         raise OSError(errno.ENOENT, "created entry vanished", name)
@@ -246,7 +253,8 @@ async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags
 
 def _unmake_sync(sb: Superblock, parent: OvlInode, name: bytes, made: os.stat_result) -> None:
     """Take back the object ``made`` at ``name`` if it is still there (best effort): the
-    name is then as before the create, a whiteout where a lower layer has it."""
+    name is then as before the request that made it, a whiteout where a lower layer has
+    it. Local filesystems never fail such a request halfway (EMFILE comes first there)."""
     assert parent.upper is not None
     parent_fd = parent.upper
     with contextlib.suppress(OSError):
@@ -256,7 +264,7 @@ def _unmake_sync(sb: Superblock, parent: OvlInode, name: bytes, made: os.stat_re
         if lower_positive(sb, parent, name):
             _whiteout_sync(sb, parent_fd, name, True)
         else:
-            os.unlink(name, dir_fd=parent_fd)
+            _remove_upper_sync(sb, parent_fd, name)
 
 
 def _entry(sb: Superblock, inode: OvlInode) -> Entry:

@@ -743,6 +743,20 @@ def test_more_inodes_than_fds(env: Env, tmp_path: Path) -> None:
         resource.prlimit(env.pid, resource.RLIMIT_NOFILE, (env.fds() - 100, hard))
         for i in range(1000):
             assert os.lstat(m / "behind" / f"b{i}").st_size == 0
+        # And so do creates, mkdirs, symlinks and opens: they fail whole when out of fds
+        # (what they made is taken back), so the daemon can prune and try them again.
+        resource.prlimit(env.pid, resource.RLIMIT_NOFILE, (env.fds() - 100, hard))
+        fresh = m / "fresh"
+        fresh.mkdir()
+        for i in range(300):
+            fd = os.open(fresh / f"c{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.close(fd)
+            os.mkdir(fresh / f"d{i}")
+            os.symlink(f"c{i}", fresh / f"s{i}")
+        resource.prlimit(env.pid, resource.RLIMIT_NOFILE, (env.fds() - 100, hard))
+        for i in range(300):
+            assert (many / f"f{i:05d}").read_bytes() == b"%d" % i
+        assert len(os.listdir(fresh)) == 900
     finally:
         os.close(held_file)
         os.close(held_dir)
