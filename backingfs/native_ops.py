@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .native import NativeSession
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ARGS = abi.IN_HEADER.size
 _ATTR_FMT = "QQQqqqIIIIIIIIII"
@@ -67,11 +66,29 @@ Handler = Callable[["NativeSession", int, int, Ids, bytes], Awaitable[None]]
 HANDLERS: dict[int, Handler] = {}
 
 
-def handler(op: abi.Op) -> Callable[[Handler], Handler]:
+def handler(op: abi.Op, *, fails_whole: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``fn`` for ``op``. ``fails_whole``: a request that fails leaves nothing
+    behind (what it made is taken back, copy-up aside, which is idempotent), so one that
+    runs out of fds between two prunes (inodes.py) may prune now, wait for the FORGETs and
+    run again (fdpressure): no caller sees EMFILE while the kernel holds unused inodes."""
     def register(fn: Handler) -> Handler:
-        HANDLERS[op] = fn
+        HANDLERS[op] = _retried(fn) if fails_whole else fn
         return fn
     return register
+
+
+def _retried(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def retried(s: NativeSession, unique: int, nodeid: int, ids: Ids,
+                      data: bytes) -> None:
+        try:
+            await fn(s, unique, nodeid, ids, data)
+        except OSError as err:
+            if err.errno not in fdpressure.NO_FDS:
+                raise
+            await fdpressure.retry(s.fs.relieve_fds,
+                                   lambda: fn(s, unique, nodeid, ids, data), err)
+    return retried
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -243,26 +260,10 @@ async def interrupt(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: 
 
 # --- attributes ---------------------------------------------------------------------------------
 
-@handler(abi.Op.LOOKUP)
+@handler(abi.Op.LOOKUP, fails_whole=True)
 async def lookup(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     name = _name(data, ARGS)
-    await _reply_entry(s, unique,
-                       await _with_fds(s, lambda: s.fs.lookup(nodeid, name, _caller(ids))))
-
-
-async def _with_fds(s: NativeSession, call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``; if it runs out of fds between two prunes (inodes.py), prune now, wait
-    for the FORGETs and try again (fdpressure). Only for requests that fail whole: a
-    create that fails takes back what it made (passthru/overlay), so its retry cannot
-    meet EEXIST."""
-    try:
-        return await call()
-    except OSError as err:
-        if err.errno not in fdpressure.NO_FDS:
-            raise
-        return await fdpressure.retry(s.fs.relieve_fds, call, err)
-
-
+    await _reply_entry(s, unique, await s.fs.lookup(nodeid, name, _caller(ids)))
 
 
 @handler(abi.Op.GETATTR)
@@ -270,7 +271,7 @@ async def getattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
     s.reply(unique, attr_out(await s.fs.getattr(nodeid, _caller(ids))))
 
 
-@handler(abi.Op.SETATTR)
+@handler(abi.Op.SETATTR, fails_whole=True)
 async def setattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (valid, _, fh, size, _, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _,
      uid, gid, _) = abi.SETATTR_IN.unpack_from(data, ARGS)
@@ -328,50 +329,47 @@ async def statfs(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
 
 # --- namespace ------------------------------------------------------------------------------
 
-@handler(abi.Op.MKNOD)
+@handler(abi.Op.MKNOD, fails_whole=True)
 async def mknod(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.MKNOD_IN.size)
-    await _reply_entry(s, unique, await _with_fds(
-        s, lambda: s.fs.mknod(nodeid, name, mode, rdev, _caller(ids, umask))))
+    await _reply_entry(s, unique, await s.fs.mknod(nodeid, name, mode, rdev,
+                                                   _caller(ids, umask)))
 
 
-@handler(abi.Op.MKDIR)
+@handler(abi.Op.MKDIR, fails_whole=True)
 async def mkdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     mode, umask = abi.MKDIR_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.MKDIR_IN.size)
-    await _reply_entry(s, unique, await _with_fds(
-        s, lambda: s.fs.mkdir(nodeid, name, mode, _caller(ids, umask))))
+    await _reply_entry(s, unique, await s.fs.mkdir(nodeid, name, mode, _caller(ids, umask)))
 
 
-@handler(abi.Op.SYMLINK)
+@handler(abi.Op.SYMLINK, fails_whole=True)
 async def symlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     name, target = _two_names(data, ARGS)
-    await _reply_entry(s, unique, await _with_fds(
-        s, lambda: s.fs.symlink(nodeid, name, target, _caller(ids))))
+    await _reply_entry(s, unique, await s.fs.symlink(nodeid, name, target, _caller(ids)))
 
 
-@handler(abi.Op.LINK)
+@handler(abi.Op.LINK, fails_whole=True)
 async def link(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (old,) = abi.LINK_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.LINK_IN.size)
-    await _reply_entry(s, unique, await _with_fds(
-        s, lambda: s.fs.link(old, nodeid, name, _caller(ids))))
+    await _reply_entry(s, unique, await s.fs.link(old, nodeid, name, _caller(ids)))
 
 
-@handler(abi.Op.UNLINK)
+@handler(abi.Op.UNLINK, fails_whole=True)
 async def unlink(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     await s.fs.unlink(nodeid, _name(data, ARGS), _caller(ids))
     s.reply(unique)
 
 
-@handler(abi.Op.RMDIR)
+@handler(abi.Op.RMDIR, fails_whole=True)
 async def rmdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     await s.fs.rmdir(nodeid, _name(data, ARGS), _caller(ids))
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME)
+@handler(abi.Op.RENAME, fails_whole=True)
 async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (newdir,) = abi.RENAME_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME_IN.size)
@@ -379,7 +377,7 @@ async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME2)
+@handler(abi.Op.RENAME2, fails_whole=True)
 async def rename2(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     newdir, flags, _ = abi.RENAME2_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME2_IN.size)
@@ -411,10 +409,10 @@ async def _undo_open(s: NativeSession, fh: int) -> None:
             log.exception("release(%d) of an unanswered open failed", fh)
 
 
-@handler(abi.Op.OPEN)
+@handler(abi.Op.OPEN, fails_whole=True)
 async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     flags, kill = abi.OPEN_IN.unpack_from(data, ARGS)
-    reply = await _with_fds(s, lambda: s.fs.open(nodeid, flags, _caller(ids)))
+    reply = await s.fs.open(nodeid, flags, _caller(ids))
     if kill & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
         try:
             await s.fs.kill_suidgid(reply.fh, _caller(ids))
@@ -426,12 +424,11 @@ async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
         await _undo_open(s, reply.fh)
 
 
-@handler(abi.Op.CREATE)
+@handler(abi.Op.CREATE, fails_whole=True)
 async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.CREATE_IN.size)
-    reply, entry = await _with_fds(
-        s, lambda: s.fs.create(nodeid, name, mode, flags, _caller(ids, umask)))
+    reply, entry = await s.fs.create(nodeid, name, mode, flags, _caller(ids, umask))
     open_flags, backing_id = _open_flags(s, entry.ino, reply)
     if not s.reply(unique, entry_out(entry), abi.OPEN_OUT.pack(reply.fh, open_flags,
                                                                backing_id)):
@@ -494,7 +491,7 @@ async def fsync(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
 
 # --- directories ------------------------------------------------------------------------------
 
-@handler(abi.Op.OPENDIR)
+@handler(abi.Op.OPENDIR, fails_whole=True)
 async def opendir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     if s.handleless_dirs:
         # FUSE_NO_OPENDIR_SUPPORT: the kernel stops asking, opens with fh 0 (readdir_inode)
@@ -606,7 +603,7 @@ def _count_plus_entries(buf: bytearray, into: Counter[int]) -> None:
 
 # --- xattrs -------------------------------------------------------------------------------------
 
-@handler(abi.Op.SETXATTR)
+@handler(abi.Op.SETXATTR, fails_whole=True)
 async def setxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     st = abi.SETXATTR_IN_EXT if s.flags & abi.SETXATTR_EXT else abi.SETXATTR_IN
     size, flags = abi.SETXATTR_IN.unpack_from(data, ARGS)
@@ -640,21 +637,21 @@ def _sized(s: NativeSession, unique: int, value: bytes, size: int) -> None:
         s.reply(unique, value)
 
 
-@handler(abi.Op.GETXATTR)
+@handler(abi.Op.GETXATTR, fails_whole=True)
 async def getxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     size, _ = abi.GETXATTR_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.GETXATTR_IN.size)
     _sized(s, unique, bytes(await s.fs.getxattr(nodeid, name, _caller(ids))), size)
 
 
-@handler(abi.Op.LISTXATTR)
+@handler(abi.Op.LISTXATTR, fails_whole=True)
 async def listxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     size, _ = abi.GETXATTR_IN.unpack_from(data, ARGS)
     names = await s.fs.listxattr(nodeid, _caller(ids))
     _sized(s, unique, b"".join(bytes(n) + b"\0" for n in names), size)
 
 
-@handler(abi.Op.REMOVEXATTR)
+@handler(abi.Op.REMOVEXATTR, fails_whole=True)
 async def removexattr(s: NativeSession, unique: int, nodeid: int, ids: Ids,
                       data: bytes) -> None:
     await s.fs.removexattr(nodeid, _name(data, ARGS), _caller(ids))
