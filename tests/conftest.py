@@ -179,7 +179,7 @@ def fs(request: pytest.FixtureRequest, target_session: TargetSession) -> Iterato
 
 def _early_modules(session: pytest.Session) -> list[object]:
     seen: dict[str, object] = {}
-    for item in session.items:
+    for item in getattr(session, "items", ()):  # none if collection failed
         module = getattr(item, "module", None)
         if module is not None and hasattr(module, "start_early"):
             seen.setdefault(module.__name__, module)
@@ -187,7 +187,7 @@ def _early_modules(session: pytest.Session) -> list[object]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or session.testsfailed:  # listing, or collection errors
         return
     for module in _early_modules(session):
         module.start_early(session)  # type: ignore[attr-defined]
