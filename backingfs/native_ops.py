@@ -70,7 +70,9 @@ def handler(op: abi.Op, *, fails_whole: bool = False) -> Callable[[Handler], Han
     """Register ``fn`` for ``op``. ``fails_whole``: a request that fails leaves nothing
     behind (what it made is taken back, copy-up aside, which is idempotent), so one that
     runs out of fds between two prunes (inodes.py) may prune now, wait for the FORGETs and
-    run again (fdpressure): no caller sees EMFILE while the kernel holds unused inodes."""
+    run again (fdpressure): no caller sees EMFILE while the kernel holds unused inodes.
+    Not RENAME: overlay's may need an fd for the whiteout after the rename itself (AUFS
+    form), and running it again would copy the lower object up over the moved one."""
     def register(fn: Handler) -> Handler:
         HANDLERS[op] = _retried(fn) if fails_whole else fn
         return fn
@@ -369,7 +371,7 @@ async def rmdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME, fails_whole=True)
+@handler(abi.Op.RENAME)
 async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (newdir,) = abi.RENAME_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME_IN.size)
@@ -377,7 +379,7 @@ async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME2, fails_whole=True)
+@handler(abi.Op.RENAME2)
 async def rename2(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     newdir, flags, _ = abi.RENAME2_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME2_IN.size)

@@ -161,11 +161,10 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
             else:
                 renameat2(sb.work_fd, nm, parent_fd, name, RENAME_NOREPLACE)
     except BaseException:
-        with contextlib.suppress(OSError):
-            remove_tree_at(dir_fd, nm)
+        _discard(dir_fd, nm)
         raise
     if in_work and entry_whiteout:
-        remove_tree_at(sb.work_fd, nm)  # the whiteout, swapped out
+        _discard(sb.work_fd, nm)  # the whiteout, swapped out
     if aufs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
@@ -292,7 +291,7 @@ def _whiteout_sync(sb: Superblock, parent_fd: int, name: bytes, has_upper: bool)
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=sb.work_fd)
             raise
-        remove_tree_at(sb.work_fd, tmp)
+        _discard(sb.work_fd, tmp)
         return
     if has_upper:
         _remove_upper_sync(sb, parent_fd, name)
@@ -309,7 +308,24 @@ def _remove_upper_sync(sb: Superblock, parent_fd: int, name: bytes) -> None:
         return
     tmp = sb.tmp_name()
     renameat2(parent_fd, name, sb.work_fd, tmp, RENAME_NOREPLACE)
-    remove_tree_at(sb.work_fd, tmp)
+    _discard(sb.work_fd, tmp)
+
+
+def _discard(dir_fd: int, name: bytes) -> None:
+    """Remove ``name`` (a tree) once the namespace change is done, best effort: the request
+    has succeeded (a retry after an EMFILE here would meet ENOENT or EEXIST), and what is
+    left in work/ is emptied at the next mount. An empty directory or a non-directory goes
+    without an fd, so even out of fds nothing is left in the upper layer's namespace."""
+    try:
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except NotADirectoryError:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError:
+        with contextlib.suppress(OSError):
+            remove_tree_at(dir_fd, name)
 
 
 async def unlink(sb: Superblock, parent: OvlInode, name: bytes) -> None:

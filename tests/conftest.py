@@ -187,7 +187,10 @@ def _early_modules(session: pytest.Session) -> list[object]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if session.config.option.collectonly or session.testsfailed:  # listing, or collection errors
+    opt = session.config.option
+    listing = (opt.collectonly or getattr(opt, "showfixtures", False)
+               or getattr(opt, "show_fixtures_per_test", False) or getattr(opt, "setupplan", False))
+    if listing or session.testsfailed:  # nothing will run, or collection failed
         return
     for module in _early_modules(session):
         module.start_early(session)  # type: ignore[attr-defined]

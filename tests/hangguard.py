@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -47,16 +47,26 @@ _known_at_start: set[str] = set()
 #: and aborts only what is mounted under it.
 _spared: list[str] = []
 _ONLY_UNDER = os.environ.get("HANGGUARD_ONLY_UNDER")
+#: Called before the run is ended (``os._exit`` skips pytest's session finish): the jobs
+#: beside the suite stop and unmount.
+_before_exit: list[Callable[[], None]] = []
 
 
-def spare(directory: str) -> None:
-    _spared.append(directory.rstrip("/") + "/")
+def _prefix(directory: str) -> str:
+    # Mountinfo shows resolved paths.
+    return os.path.realpath(directory).rstrip("/") + "/"
+
+
+def spare(directory: str, stop: Callable[[], None] | None = None) -> None:
+    _spared.append(_prefix(directory))
+    if stop is not None and stop not in _before_exit:
+        _before_exit.append(stop)
 
 
 def _ours(mountpoint: str) -> bool:
     if any(mountpoint.startswith(d) for d in _spared):
         return False
-    return _ONLY_UNDER is None or mountpoint.startswith(_ONLY_UNDER.rstrip("/") + "/")
+    return _ONLY_UNDER is None or mountpoint.startswith(_prefix(_ONLY_UNDER))
 
 
 def fuse_connections() -> dict[str, str]:
@@ -155,6 +165,11 @@ class Watchdog:
               "of its FUSE connections; ending the run (exit status 3). Stacks:",
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for stop in _before_exit:
+            try:
+                stop()
+            except Exception as e:
+                print(f"hangguard: stopping a job failed: {e!r}", file=sys.stderr, flush=True)
         os._exit(3)
 
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from earlyjobs import EarlyJobs, niced, selected_ids
+from earlyjobs import EarlyJobs, ProcessJob, mounted_under, niced, selected_ids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,41 +31,11 @@ FRONTENDS = {"pyfuse3": {"BACKINGFS_SESSION": "pyfuse3"},
 LIMIT = 840.0
 
 
-@dataclass
-class NestedRun:
-    base: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-    started: float
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGINT first: the nested pytest then tears its mounts down."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not is_mounted_under(self.base):
-            shutil.rmtree(self.base, ignore_errors=True)
-
-
-def is_mounted_under(base: Path) -> bool:
-    prefix = str(base) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].startswith(prefix) for line in f)
-
-
-def launch(session: pytest.Session) -> dict[str, NestedRun]:
+def launch(session: pytest.Session, started: Callable[[str, ProcessJob], None]) -> None:
     # A run on a chosen front-end is itself one of these nested runs (or was asked for one
     # front-end by hand): nothing to nest.
     if os.environ.get("BACKINGFS_SESSION") or os.environ.get("BACKINGFS_PASSTHROUGH"):
-        return {}
-    runs = {}
+        return
     for frontend in sorted(selected_ids(session, __name__) & FRONTENDS.keys()):
         # Its own TMPDIR (the suite's mounts live in tempfile directories, readable by the
         # unprivileged user of the permission tests, so not under pytest's 0700 tmp_path):
@@ -82,24 +50,31 @@ def launch(session: pytest.Session) -> dict[str, NestedRun]:
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  "-o", "addopts=", "--basetemp", str(base / "pytest"), "tests/overlay"]),
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT)
-        runs[frontend] = NestedRun(base, proc, log, time.monotonic())
-    return runs
+                stderr=subprocess.STDOUT, process_group=0)
+        started(frontend, NestedRun(base, log, proc, time.monotonic()))
 
 
-JOBS: EarlyJobs[NestedRun] = EarlyJobs(launch)
+class NestedRun(ProcessJob):
+    def stop(self) -> None:
+        super().stop()
+        if not mounted_under(self.base):
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+JOBS: EarlyJobs[ProcessJob] = EarlyJobs(launch)
 start_early = JOBS.start
 stop_early = JOBS.stop
 
 
 @pytest.fixture(scope="module")
-def nested_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, NestedRun]]:
+def nested_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, ProcessJob]]:
     yield from JOBS.serve(request.session)
 
 
 @pytest.mark.timeout(LIMIT + 60)
 @pytest.mark.parametrize("frontend", sorted(FRONTENDS))
-def test_overlay_suite_on_frontend(frontend: str, nested_runs: dict[str, NestedRun]) -> None:
+def test_overlay_suite_on_frontend(frontend: str,
+                                   nested_runs: dict[str, ProcessJob]) -> None:
     if frontend not in nested_runs:
         pytest.skip("already a run on a chosen front-end")
     run = nested_runs[frontend]

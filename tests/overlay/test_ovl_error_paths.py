@@ -151,3 +151,80 @@ def test_failed_create_leaves_the_name_as_it_was(tmp_path: Path, below: bool,
         assert sb.inodes.statistics().inodes == 1   # the root
     finally:
         sb.inodes.forget_all()
+
+
+def _use_up_fds(free: int) -> list[int]:
+    """Open /dev/null until EMFILE (under a limit lowered near what is in use), then give
+    ``free`` back: the next opens of this process find exactly that many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, max(_fds()) + 64), hard))
+    held: list[int] = []
+    while True:
+        try:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as e:
+            assert e.errno == errno.EMFILE
+            break
+    for _ in range(free):
+        os.close(held.pop())
+    return held
+
+
+@pytest.mark.parametrize("free", range(5))
+@pytest.mark.parametrize("op", ["mkdir", "mknod", "unlink-over-lower", "rmdir-upper"])
+def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
+                                                      free: int) -> None:
+    # The native session runs a request again after EMFILE (native_ops fails_whole): the
+    # first attempt must have changed nothing, or have finished; never half (a retry would
+    # then meet EEXIST or ENOENT for a request that was done).
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["lower"] / "a").write_bytes(b"lower a")
+    (dirs["upper"] / "a").write_bytes(b"copied up")
+    (dirs["upper"] / "d").mkdir()
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    caller = Caller(os.getuid(), os.getgid(), os.getpid(), 0o022)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    async def run() -> None:
+        root = sb.inodes.root
+        if op == "mkdir":
+            sb.inodes.forget((await ovl_dir.mkdir(sb, root, b"new", 0o755, caller)).ino, 1)
+        elif op == "mknod":
+            entry = await ovl_dir.mknod(sb, root, b"new", stat.S_IFIFO | 0o644, 0, caller)
+            sb.inodes.forget(entry.ino, 1)
+        elif op == "unlink-over-lower":
+            await ovl_dir.unlink(sb, root, b"a")
+        else:
+            await ovl_dir.rmdir(sb, root, b"d")
+
+    async def main() -> None:
+        held = _use_up_fds(free)
+        try:
+            await run()
+        except OSError as e:
+            assert e.errno == errno.EMFILE
+            for fd in held:
+                os.close(fd)
+            held.clear()
+            await run()   # what the native session does after a prune
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        trio.run(main)
+        upper = dirs["upper"]
+        if op in ("mkdir", "mknod"):
+            st = os.lstat(upper / "new")
+            assert stat.S_ISDIR(st.st_mode) if op == "mkdir" else stat.S_ISFIFO(st.st_mode)
+        elif op == "unlink-over-lower":
+            assert stat.S_ISCHR(os.lstat(upper / "a").st_mode)   # the whiteout
+        else:
+            assert not os.path.lexists(upper / "d")
+    finally:
+        sb.inodes.forget_all()

@@ -20,16 +20,15 @@ local run.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from earlyjobs import EarlyJobs, niced, selected_ids, temp_factory
+from earlyjobs import EarlyJobs, ProcessJob, niced, selected_ids, temp_factory
 
 from backingfs.testing import REPO_ROOT, TARGETS
 
@@ -48,43 +47,17 @@ CONFIGS = [
 
 
 @dataclass
-class FsxRun:
-    name: str
-    argv: list[str]
-    base: Path
-    trace: Path
-    log: Path
-    proc: subprocess.Popen[bytes]
-    started: float
+class FsxRun(ProcessJob):
+    name: str = ""
+    argv: list[str] = field(default_factory=list)
+    trace: Path = Path()
 
     def output(self, lines: int = 80) -> str:
-        text = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self) -> None:
-        """Interrupt (fsx unmounts on the way out), then kill its process group (fsx and
-        the daemon it started: ids we know), then unmount lazily whatever is left."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        prefix = str(self.base) + "/"
-        with open("/proc/self/mountinfo") as f:
-            left = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
-        for mnt in left:
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        return self.tail(lines)
 
 
-def launch(session: pytest.Session) -> dict[str, FsxRun]:
+def launch(session: pytest.Session, started: Callable[[str, FsxRun], None]) -> None:
     """Every selected configuration, all at once."""
-    runs = {}
     wanted = selected_ids(session, __name__)
     for name, target, opts, seed in CONFIGS:
         if name not in wanted or TARGETS[target].unavailable():
@@ -100,8 +73,8 @@ def launch(session: pytest.Session) -> dict[str, FsxRun]:
             proc = subprocess.Popen(niced(argv), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                     start_new_session=True)
-        runs[name] = FsxRun(name, argv, base, trace, log, proc, time.monotonic())
-    return runs
+        started(name, FsxRun(base, log, proc, time.monotonic(), name=name, argv=argv,
+                             trace=trace))
 
 
 JOBS: EarlyJobs[FsxRun] = EarlyJobs(launch)
