@@ -89,24 +89,21 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
                           caller.uid == 0, apply_umask=False)
     src_fd = link_src.upper if link_src is not None else None
-    made = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid, gid,
-                      over_whiteout, src_fd)
-    if made is not None:
+    path_fd, made_st = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid,
+                                  gid, over_whiteout, src_fd)
+    if path_fd is not None:
         # What a resolve would find now, known without asking: an upper non-directory,
         # ours, with no origin record. Its identity is the object we made even if the name
         # changed meanwhile.
-        path_fd, st = made
         assert sb.layers.upper is not None
-        res = Resolved(st=st, upper=path_fd,
-                       st_ino=sb.layers.st_ino(sb.layers.upper, st.st_ino))
+        res = Resolved(st=made_st, upper=path_fd,
+                       st_ino=sb.layers.st_ino(sb.layers.upper, made_st.st_ino))
         return adopt(sb, parent, name, res)
-    made_st = wo.lstat_at(parent_fd, name)
     try:
         res = resolve(sb, parent, name)
     except BaseException:
         # Out of fds looking at what we made: take it back, so the request fails whole.
-        if made_st is not None:
-            _unmake_sync(sb, parent, name, made_st)
+        _unmake_sync(sb, parent, name, made_st)
         raise
     if not res.exists:
         res.close()
@@ -116,9 +113,10 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
 
 def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int, rdev: int,
                target: bytes, uid: int, gid: int, over_whiteout: bool,
-               src_fd: int | None) -> tuple[int, os.stat_result] | None:
-    """Make the object; for a plain regular file made in place (the common create), its
-    O_PATH fd and stat, else None (the caller resolves the name)."""
+               src_fd: int | None) -> tuple[int | None, os.stat_result]:
+    """Make the object; returns its stat (what a failure later takes back, whatever the
+    name holds by then) and, for a plain regular file made in place (the common create),
+    its O_PATH fd, else None (the caller resolves the name)."""
     # resolve() reports an upper .wh.NAME as a whiteout: only then can one be there.
     aufs = over_whiteout and wo.has_aufs_whiteout(parent_fd, name)
     entry_whiteout = over_whiteout and not aufs  # an object sits at ``name`` on the upper
@@ -155,6 +153,7 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
                     os.close(fd)
         if opaque:
             bxattrs.setxattrat(dir_fd, nm, sb.prefix + b"opaque", b"y")
+        made_st = os.lstat(nm, dir_fd=dir_fd)
         if in_work:
             if entry_whiteout:
                 renameat2(sb.work_fd, nm, parent_fd, name, RENAME_EXCHANGE)
@@ -168,7 +167,7 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
     if aufs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
-    return None
+    return None, made_st
 
 
 def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid: int,
@@ -293,9 +292,16 @@ def _whiteout_sync(sb: Superblock, parent_fd: int, name: bytes, has_upper: bool)
             raise
         _discard(sb.work_fd, tmp)
         return
-    if has_upper:
-        _remove_upper_sync(sb, parent_fd, name)
+    # .wh.NAME first (it needs an fd): out of fds after the removal, the lower object
+    # would show again. Beside a still present upper object it hides that object too.
     wo.make_whiteout(parent_fd, name, wo.WHITEOUT_AUFS)
+    if has_upper:
+        try:
+            _remove_upper_sync(sb, parent_fd, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+            raise
 
 
 def _remove_upper_sync(sb: Superblock, parent_fd: int, name: bytes) -> None:
@@ -475,20 +481,31 @@ def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         remove_upper_whiteouts(sb, dst.upper)  # only whiteouts left: checked empty
     target = wo.lstat_at(new_fd, new_name)
     aufs_target = wo.has_aufs_whiteout(new_fd, new_name)
-    if target is not None and wo.is_chr_whiteout(target) and src_is_dir:
-        # A directory cannot replace a char device: swap, and the whiteout lands at the
-        # source, which is where one is needed if the name exists below.
-        renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
-        if not below or sb.whiteout_kind != wo.WHITEOUT_CHR:
-            os.unlink(old_name, dir_fd=old_fd)
-            if below:
-                wo.make_whiteout(old_fd, old_name, sb.whiteout_kind)
-    elif below and sb.whiteout_kind == wo.WHITEOUT_CHR:
-        renameat2(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT)
-    else:
-        renameat2(old_fd, old_name, new_fd, new_name, 0)
-        if below:
-            wo.make_whiteout(old_fd, old_name, sb.whiteout_kind)
+    # A .wh.NAME whiteout is made before the rename: it needs an fd, and out of fds after
+    # the rename the lower name would show again (and a retry would copy it up over the
+    # moved file). Until the rename it hides nothing: the source is on the upper.
+    aufs_wh = below and sb.whiteout_kind != wo.WHITEOUT_CHR
+    if aufs_wh:
+        wo.make_whiteout(old_fd, old_name, wo.WHITEOUT_AUFS)
+    try:
+        if target is not None and wo.is_chr_whiteout(target) and src_is_dir:
+            # A directory cannot replace a char device: swap, and the whiteout lands at
+            # the source, which is where one is needed if the name exists below.
+            renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            swapped = True
+        elif below and not aufs_wh:
+            renameat2(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT)
+            swapped = False
+        else:
+            renameat2(old_fd, old_name, new_fd, new_name, 0)
+            swapped = False
+    except BaseException:
+        if aufs_wh:
+            with contextlib.suppress(OSError):
+                os.unlink(wo.aufs_name(old_name), dir_fd=old_fd)
+        raise
+    if swapped and (not below or aufs_wh):
+        os.unlink(old_name, dir_fd=old_fd)  # the char whiteout swapped out; none needed
     if aufs_target:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wo.aufs_name(new_name), dir_fd=new_fd)

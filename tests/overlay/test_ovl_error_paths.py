@@ -20,6 +20,7 @@ import trio
 
 from backingfs.fsapi import Caller
 from overlay import dir as ovl_dir
+from overlay import whiteout as wo
 from overlay.namei import resolve
 from overlay.params import OvlParams
 from overlay.superblock import Superblock
@@ -171,7 +172,9 @@ def _use_up_fds(free: int) -> list[int]:
 
 
 @pytest.mark.parametrize("free", range(5))
-@pytest.mark.parametrize("op", ["mkdir", "mknod", "unlink-over-lower", "rmdir-upper"])
+@pytest.mark.parametrize("op", ["mkdir", "mknod", "unlink-over-lower", "rmdir-upper",
+                                "unlink-over-lower-aufs", "rename-over-lower",
+                                "rename-over-lower-aufs"])
 def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
                                                       free: int) -> None:
     # The native session runs a request again after EMFILE (native_ops fails_whole): the
@@ -186,6 +189,10 @@ def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
     params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
                        workdir=str(dirs["work"]))
     sb = Superblock.mount(params, str(dirs["mnt"]))
+    if op.endswith("-aufs"):
+        # As where mknod of 0/0 is refused (a user namespace): whiteouts are .wh.NAME
+        # files, which take an fd to make.
+        sb.whiteout_kind = wo.WHITEOUT_AUFS
     caller = Caller(os.getuid(), os.getgid(), os.getpid(), 0o022)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -196,10 +203,18 @@ def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
         elif op == "mknod":
             entry = await ovl_dir.mknod(sb, root, b"new", stat.S_IFIFO | 0o644, 0, caller)
             sb.inodes.forget(entry.ino, 1)
-        elif op == "unlink-over-lower":
+        elif op.startswith("unlink-over-lower"):
             await ovl_dir.unlink(sb, root, b"a")
+        elif op.startswith("rename-over-lower"):
+            await ovl_dir.rename(sb, root, b"a", root, b"b", 0)
         else:
             await ovl_dir.rmdir(sb, root, b"d")
+
+    def assert_unchanged() -> None:
+        upper = dirs["upper"]
+        assert sorted(os.listdir(upper)) == ["a", "d"]
+        assert (upper / "a").read_bytes() == b"copied up"
+        assert os.listdir(upper / "d") == []
 
     async def main() -> None:
         held = _use_up_fds(free)
@@ -210,6 +225,7 @@ def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
             for fd in held:
                 os.close(fd)
             held.clear()
+            assert_unchanged()
             await run()   # what the native session does after a prune
         finally:
             for fd in held:
@@ -224,6 +240,18 @@ def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
             assert stat.S_ISDIR(st.st_mode) if op == "mkdir" else stat.S_ISFIFO(st.st_mode)
         elif op == "unlink-over-lower":
             assert stat.S_ISCHR(os.lstat(upper / "a").st_mode)   # the whiteout
+        elif op == "unlink-over-lower-aufs":
+            assert not os.path.lexists(upper / "a")
+            assert os.path.lexists(upper / ".wh.a")
+        elif op.startswith("rename-over-lower"):
+            # The copied-up data moved; a retry that saw the lower a again would have
+            # copied it up over b.
+            assert (upper / "b").read_bytes() == b"copied up"
+            if op.endswith("-aufs"):
+                assert not os.path.lexists(upper / "a")
+                assert os.path.lexists(upper / ".wh.a")
+            else:
+                assert stat.S_ISCHR(os.lstat(upper / "a").st_mode)
         else:
             assert not os.path.lexists(upper / "d")
     finally:
