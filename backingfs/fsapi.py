@@ -54,16 +54,21 @@ class Caller(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """An entry or attribute reply. ``attr.st_ino`` is the inode number."""
+    """An entry or attribute reply. ``attr.st_ino`` is the inode number, and the kernel's
+    node id unless ``node`` gives another (native session only: pyfuse3 sends st_ino as
+    the node id). Two node ids with one st_ino are one file seen as two kernel inodes
+    (overlay's lower passthrough)."""
 
     attr: Attr
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     generation: int = 0
+    node: int = 0
 
     @property
     def ino(self) -> int:
-        return self.attr.st_ino
+        """The node id."""
+        return self.node or self.attr.st_ino
 
 
 class DirEntry(NamedTuple):

@@ -222,6 +222,11 @@ class InodeTable(Generic[InodeT]):
             raise OSError(errno.ESTALE, f"unknown inode {ino}")
         return inode
 
+    def peek(self, ino: int) -> InodeT | None:
+        """The inode holding number ``ino`` (stale ones included), if any. No reference."""
+        with self._lock:
+            return self._by_ino.get(ino)
+
     def find(self, key: Hashable) -> InodeT | None:
         """The live (non-stale) inode for ``key``, if any. Takes no reference."""
         with self._lock:

@@ -29,6 +29,7 @@ from . import fdpressure, privs
 from . import fuse_abi as abi
 from .attrs import Attr
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest
+from .passthrough import BackingMismatchError
 
 if TYPE_CHECKING:
     from .native import NativeSession
@@ -71,8 +72,9 @@ def handler(op: abi.Op, *, fails_whole: bool = False) -> Callable[[Handler], Han
     behind (what it made is taken back, copy-up aside, which is idempotent), so one that
     runs out of fds between two prunes (inodes.py) may prune now, wait for the FORGETs and
     run again (fdpressure): no caller sees EMFILE while the kernel holds unused inodes.
-    Not RENAME: overlay's may need an fd for the whiteout after the rename itself (AUFS
-    form), and running it again would copy the lower object up over the moved one."""
+    RENAME too: overlay makes an AUFS-form whiteout (the one step that takes an fd)
+    before the rename itself, so a rename that failed moved nothing, and running it
+    again cannot copy the lower object up over the moved one."""
     def register(fn: Handler) -> Handler:
         HANDLERS[op] = _retried(fn) if fails_whole else fn
         return fn
@@ -107,7 +109,7 @@ def _attr_fields(a: Attr) -> tuple[int, ...]:
 def _entry_fields(e: Entry) -> tuple[int, ...]:
     es, ens = abi.split_timeout(e.entry_timeout)
     ats, atn = abi.split_timeout(e.attr_timeout)
-    return (e.attr.st_ino, e.generation, es, ats, ens, atn, *_attr_fields(e.attr))
+    return (e.ino, e.generation, es, ats, ens, atn, *_attr_fields(e.attr))
 
 
 def entry_out(e: Entry) -> bytes:
@@ -371,7 +373,7 @@ async def rmdir(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME)
+@handler(abi.Op.RENAME, fails_whole=True)
 async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     (newdir,) = abi.RENAME_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME_IN.size)
@@ -379,7 +381,7 @@ async def rename(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     s.reply(unique)
 
 
-@handler(abi.Op.RENAME2)
+@handler(abi.Op.RENAME2, fails_whole=True)
 async def rename2(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     newdir, flags, _ = abi.RENAME2_IN.unpack_from(data, ARGS)
     old, new = _two_names(data, ARGS + abi.RENAME2_IN.size)
@@ -421,7 +423,11 @@ async def open_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
         except BaseException:
             await _undo_open(s, reply.fh)
             raise
-    open_flags, backing_id = _open_flags(s, nodeid, reply)
+    try:
+        open_flags, backing_id = _open_flags(s, nodeid, reply)
+    except BackingMismatchError:
+        await _undo_open(s, reply.fh)
+        raise
     if not s.reply(unique, abi.OPEN_OUT.pack(reply.fh, open_flags, backing_id)):
         await _undo_open(s, reply.fh)
 
@@ -431,7 +437,12 @@ async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.CREATE_IN.size)
     reply, entry = await s.fs.create(nodeid, name, mode, flags, _caller(ids, umask))
-    open_flags, backing_id = _open_flags(s, entry.ino, reply)
+    try:
+        open_flags, backing_id = _open_flags(s, entry.ino, reply)
+    except BackingMismatchError:
+        await _undo_open(s, reply.fh)
+        await _forget_one(s, entry.ino)
+        raise
     if not s.reply(unique, entry_out(entry), abi.OPEN_OUT.pack(reply.fh, open_flags,
                                                                backing_id)):
         await _undo_open(s, reply.fh)
@@ -551,12 +562,12 @@ async def _readdir(s: NativeSession, unique: int, nodeid: int, data: bytes, *,
         if full or len(buf) + abi.dirent_size(namelen, plus) > size:
             full = True
             if not d.bare:
-                returned[a.st_ino] += 1
+                returned[e.ino] += 1
             return False
         dtype = (a.st_mode >> 12) & 0o17
         if plus:
             # A bare entry: node id 0, the kernel lists it and instantiates nothing.
-            nodeid = 0 if d.bare else a.st_ino
+            nodeid = 0 if d.bare else e.ino
             buf.extend(_DIRENTPLUS_HEAD.pack(
                 nodeid, e.generation, *_split_timeouts(e.entry_timeout, e.attr_timeout),
                 *_attr_fields(a), a.st_ino, d.next_off, namelen, dtype))

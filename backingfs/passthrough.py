@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +45,25 @@ def backing_close(devfd: int, backing_id: int) -> None:
     fcntl.ioctl(devfd, abi.DEV_IOC_BACKING_CLOSE, arg, True)
 
 
+def file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 @dataclass
 class Registration:
     backing_id: int
+    file_id: tuple[int, int]  # (st_dev, st_ino) of the registered file
     opens: int = 0
+
+
+class BackingMismatchError(OSError):
+    """An open offered a backing file other than the one its inode has registered: the
+    kernel would serve it from the registered one. A filesystem bug; the open fails (EIO)."""
+
+    def __init__(self, nodeid: int) -> None:
+        super().__init__(errno.EIO, f"inode {nodeid}: open offers a backing file other "
+                                    "than the registered one")
 
 
 @dataclass
@@ -63,11 +79,13 @@ class BackingIds:
 
     def __init__(self, devfd: int, enabled: bool, *,
                  open_ioctl: Callable[[int, int], int] = backing_open,
-                 close_ioctl: Callable[[int, int], None] = backing_close) -> None:
+                 close_ioctl: Callable[[int, int], None] = backing_close,
+                 identify: Callable[[int], tuple[int, int]] = file_id) -> None:
         self.devfd = devfd
         self.enabled = enabled
         self._open_ioctl = open_ioctl
         self._close_ioctl = close_ioctl
+        self._identify = identify
         self._reg: dict[int, Registration] = {}
         self._cached: Counter[int] = Counter()
         #: fh -> (nodeid, passthrough?) for every file open we answered
@@ -83,12 +101,20 @@ class BackingIds:
         reg = self._reg.get(nodeid)
         if reg is None and self.enabled and backing_fd is not None and not self._cached[nodeid]:
             try:
-                reg = Registration(self._open_ioctl(self.devfd, backing_fd))
+                reg = Registration(self._open_ioctl(self.devfd, backing_fd),
+                                   self._identify(backing_fd))
             except OSError as e:
                 self._refused(e)
             else:
                 self._reg[nodeid] = reg
                 self.opened_ids += 1
+        elif (reg is not None and backing_fd is not None
+              and self._identify(backing_fd) != reg.file_id):
+            # Answered as passthrough, this open would read and write the registered file
+            # (overlay: a lower file instead of the upper copy): refuse it.
+            log.error("inode %d: an open offered a backing file other than the registered "
+                      "one; failing it with EIO", nodeid)
+            raise BackingMismatchError(nodeid)
         if reg is not None:
             # An inode with a backing file admits passthrough opens only (module docstring).
             reg.opens += 1

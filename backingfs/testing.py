@@ -457,7 +457,9 @@ for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget(),
                 PassthruTarget(PYFUSE3, "passthru-pyfuse3"),
                 PassthruTarget(NO_PASSTHROUGH, "passthru-nopt"),
                 OverlayTarget("overlay-lower-pyfuse3", "lower", PYFUSE3),
-                OverlayTarget("overlay-upper-nopt", "upper", NO_PASSTHROUGH)):
+                OverlayTarget("overlay-upper-nopt", "upper", NO_PASSTHROUGH),
+                # lower files by kernel passthrough: fuse-overlayfs's copy-up semantics
+                OverlayTarget("overlay-lower-lpt", "lower", ("lower_passthrough",))):
     register(_target)
 
 

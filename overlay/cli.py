@@ -47,6 +47,9 @@ Mount a union of directories in the kernel overlayfs on-disk format.
                          layer ids CONT.. are reported as HOST.. (and stored back)
        squash_to_root, squash_to_uid=N, squash_to_gid=N
                          report every object as owned by root / N
+       lower_passthrough kernel passthrough for lower files too (native session): faster
+                         reads, but a file opened read-only before a copy-up keeps
+                         reading the lower file, as with fuse-overlayfs
        xattr_permissions=0|1|2
                          keep owner and mode in security.fuseoverlayfs.override_stat (1)
                          or user.containers.override_stat (2) on the upper layer
@@ -113,6 +116,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     sb = Superblock.mount(params, mountpoint)  # QuietError: one line, exit 1
     fs = OverlayFs(sb)
+    if params.is_read_only:
+        # Without an upper layer the kernel mounts overlayfs read-only: the VFS refuses
+        # writes before they reach us, and mount(8) shows ro.
+        fuse_given = (fuse_given - {"rw"}) | {"ro"}
     return run(fs, mountpoint, fuse_options_for(fuse_given, is_root=os.geteuid() == 0),
                foreground=args.foreground or debug, debug=debug, fsname="backingfs-overlay")
 

@@ -63,6 +63,13 @@ class OvlInode(Inode):
         self._copy_up_lock: QuickLock | None = None
         self.table: InodeTable[OvlInode] | None = None  # for the parent reference
         self.holds_parent_ref = False
+        #: What stat reports: ``ino``, but a successor of an inode detached for lower
+        #: passthrough (file.py) keeps its predecessor's number, unchanged by the copy-up.
+        self.st_ino = ino
+        #: Open handles whose reads the kernel serves from the lower file (file.py).
+        self.lower_passthrough_opens = 0
+        #: Marked stale by an open that could not share the lower backing file (file.py).
+        self.detached_for_passthrough = False
         #: Merged listings being read without a handle, by generation (readdir.py)
         self.listings: dict[int, DirSnapshot[int]] | None = None
 

@@ -7,6 +7,18 @@ copies the file up later, the handle switches to the upper copy at its next I/O
 dropped), so it reads what writers wrote. (The kernel's exception for mmap does not arise:
 the FUSE page cache sits above us.)
 
+Kernel passthrough (native session): upper files always, lower files on a read-only mount,
+and lower files of a writable mount only with ``-o lower_passthrough``. The kernel gives an
+inode one backing file while any passthrough open of it lasts, and every later open must
+use it, so such an inode cannot be switched to its upper copy. With the option, an open
+that needs the upper file (for write, or after a copy-up) while lower passthrough opens
+last detaches the inode (``InodeTable.mark_stale``) and answers ESTALE; the kernel then
+looks the path up again (LOOKUP_REVAL), gets a new inode for the same object, with the
+same st_ino, and opens that one. The detached inode's open files keep reading the lower
+file: fuse-overlayfs's semantics, not the kernel's (reference §B.8). Only path opens are
+retried by the kernel: reopening a detached file through /proc/PID/fd for write fails with
+ESTALE.
+
 Writes hold ``inode.lock`` (the kernel's inode_lock in ``ovl_write_iter``), which also
 makes an APPEND write's EOF exact. ``end_write`` is the kernel's ``ovl_copyattr``: size,
 mtime, ctime and mode copied from the backing inode into the overlay inode's cache, on the
@@ -67,13 +79,16 @@ class OvlFileHandle(Handle):
             iocb &= ~APPEND
         self.iocb = iocb  # request flags as a plain int (hot path)
         self.is_upper = is_upper
+        #: The kernel reads this open from the lower file (``lower_passthrough``): it stays
+        #: on it after a copy-up, as its reads do.
+        self.lower_passthrough = False
 
     def current(self) -> BackingFile:
         """The backing file holding the data now: switch to the upper copy if the inode
         was copied up since this handle opened its lower file."""
         inode = self.inode
         assert isinstance(inode, OvlInode)
-        if not self.is_upper and inode.upper is not None:
+        if not self.is_upper and inode.upper is not None and not self.lower_passthrough:
             fd = reopen(inode.upper, self.backing_flags)
             old, self.file = self.file, BackingFile(fd, self.backing_flags | os.O_CLOEXEC)
             self.is_upper = True
@@ -81,6 +96,14 @@ class OvlFileHandle(Handle):
                 old.put()  # in-flight requests hold their own references
         assert self.file is not None
         return self.file
+
+    def close(self) -> None:
+        if self.lower_passthrough:
+            self.lower_passthrough = False
+            inode = self.inode
+            assert isinstance(inode, OvlInode)
+            inode.lower_passthrough_opens -= 1
+        super().close()
 
 
 # SHARE: same as passthru/file.py:backing_flags + _add_handle (a stacked open's flags ->
@@ -108,6 +131,14 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
             # special files are never copied up on open (never reach us over FUSE anyway)
             raise OSError(errno.EINVAL, "open for write of a special file")
         await copy_up(sb, inode, size=0 if flags & os.O_TRUNC else None)
+    # Checked after the copy-up, which may let a reader in: once the inode has its upper
+    # copy no open offers the lower file, so none can be registered after this point.
+    if inode.lower_passthrough_opens and inode.upper is not None:
+        # The kernel serves this inode's open files from its lower file and would bind this
+        # open to it too (module docstring): a new inode for the path instead.
+        inode.detached_for_passthrough = True
+        sb.inodes.mark_stale(inode)
+        raise OSError(errno.ESTALE, "inode detached: its lower file is open by passthrough")
     if inode.upper is not None:
         assert inode.upper is not None
         file = _open_backing(sb, inode.upper, flags)
@@ -135,9 +166,16 @@ def _passthrough_fd(sb: Superblock, handle: OvlFileHandle) -> int | None:
     lasts, and every later open must use it, so a lower file opened that way could not be
     copied up under a read-only opener (the write open would go to the lower file, or
     fail). Lower files on a writable mount go through the daemon, which switches such a
-    handle to the upper copy after copy-up (``OvlFileHandle.current``)."""
+    handle to the upper copy after copy-up (``OvlFileHandle.current``), unless the mount
+    asked for ``lower_passthrough`` (module docstring)."""
     if handle.is_upper or sb.is_read_only:
         return handle.current().fd
+    if sb.lower_passthrough and handle.file is not None:
+        handle.lower_passthrough = True
+        inode = handle.inode
+        assert isinstance(inode, OvlInode)
+        inode.lower_passthrough_opens += 1
+        return handle.file.fd
     return None
 
 

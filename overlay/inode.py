@@ -49,7 +49,7 @@ def make_attr(sb: Superblock, inode: OvlInode, st: os.stat_result) -> Attr:
     if inode.is_dir and (inode.is_merged or sb.params.static_nlink):
         nlink = 1
     # Built in one go (not from_stat().replace()): one runs for every entry listed.
-    return Attr(inode.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+    return Attr(inode.st_ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
                 st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -68,7 +68,8 @@ def make_entry(sb: Superblock, inode: OvlInode, st: os.stat_result | None = None
     if owners is not None:  # after the merge: the cache holds the backing inode's values
         attr = owners.attr_out(attr, inode.data_fd(), data_layer_index(inode))
     timeout = sb.params.timeout
-    return Entry(attr, entry_timeout=timeout, attr_timeout=timeout)
+    return Entry(attr, entry_timeout=timeout, attr_timeout=timeout,
+                 node=inode.ino if inode.st_ino != inode.ino else 0)
 
 
 async def getattr(sb: Superblock, inode: OvlInode) -> Entry:

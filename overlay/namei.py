@@ -195,11 +195,19 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
             # open handles would go stale under a second one (copyup._broke_hard_link).
             sb.inodes.rekey(copying, key)
     created: list[OvlInode] = []
+    # An inode detached for lower passthrough (file.py) still holds the persistent number:
+    # its successor reports it too, so stat sees no change across the copy-up.
+    holder = (sb.inodes.peek(res.st_ino) if sb.lower_passthrough and res.st_ino is not None
+              else None)
+    keep_st_ino = (holder is not None and holder.detached_for_passthrough
+                   and holder.key == key)
 
     def make(ino: int) -> OvlInode:
         inode = OvlInode(ino, key, mode=res.st.st_mode, upper=res.upper,
                          upper_xwhiteouts=res.upper_xwhiteouts, lowers=res.lowers,
                          is_opaque=res.is_opaque, parent=parent, name=name)
+        if keep_st_ino and holder is not None:
+            inode.st_ino = holder.st_ino
         created.append(inode)
         return inode
 

@@ -40,6 +40,9 @@ class OvlParams:
     writeback: bool = False
     noacl: bool = False
     static_nlink: bool = False
+    #: Serve lower files of a writable mount by kernel passthrough (file.py): a file
+    #: opened read-only before a copy-up keeps reading the lower file, as fuse-overlayfs.
+    lower_passthrough: bool = False
     debug: bool = False
     # Ownership (idmap.py).
     uid_mapping: tuple[IdRange, ...] = ()
@@ -166,6 +169,7 @@ _TABLE: dict[str, Callable[[OvlParams, str, str | None], None]] = {
     "writeback": _set_bool("writeback"),
     "noacl": _set_flag("noacl"),
     "static_nlink": _set_flag("static_nlink"),
+    "lower_passthrough": _set_flag("lower_passthrough"),
     "redirect_dir": _only("off"),
     "index": _only("off"),
     "metacopy": _only("off"),

@@ -82,6 +82,9 @@ class Superblock:
         #: before the copy-up re-keys the inode must take this inode (``namei.adopt``).
         self.copying_links: dict[tuple[int, bytes], OvlInode] = {}
         self.rw_ctx: BackingFileCtx | None = None  # built by file.py on first I/O
+        #: Lower files of a writable mount served by kernel passthrough (file.py): the
+        #: lower_passthrough option on a session that has passthrough (ops.init).
+        self.lower_passthrough = False
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)
         root = OvlInode.make_root(layers)

@@ -11,6 +11,12 @@ Targets (``--targets``, comma-separated; ``NAME:OPT:OPT`` adds ``-o OPT,OPT`` to
     kernel-overlay    ``mount -t overlay`` (lowerdir = the data, fresh upperdir/workdir per run)
     fuse-overlayfs    /usr/bin/fuse-overlayfs, same layers
     overlay           ``python -m overlay -o lowerdir=,upperdir=,workdir= MNT``
+    overlay-lpt       overlay with -o lower_passthrough (lower files by kernel passthrough;
+                      fuse-overlayfs's copy-up semantics for files open at the copy-up)
+    overlay-ro, kernel-overlay-ro, fuse-overlayfs-ro
+                      the same without upperdir (the data over an empty second lower: a
+                      read-only mount, where lower files can use kernel passthrough); read
+                      workloads only
 The directory targets mirror one data directory; the overlay targets use it as their single
 lower layer, so read and copy-up workloads read lower files and every write lands in upper.
 A target whose CLI does not exist yet (passthru, overlay) is skipped with a note.
@@ -55,7 +61,8 @@ from backingfs.testing import Mount, cli_argv, cli_env, is_fuse_mounted  # noqa:
 MiB = 1 << 20
 DJANGO = "5.1.4"
 GREP_ABSENT = "backingfs-bench-string-that-is-nowhere"
-PEERS = ("pyfuse3-example", "kernel-overlay", "fuse-overlayfs")
+PEERS = ("pyfuse3-example", "kernel-overlay", "fuse-overlayfs", "kernel-overlay-ro",
+         "fuse-overlayfs-ro")
 DIR_FAMILY = "dir"
 OVERLAY_FAMILY = "overlay"
 
@@ -327,6 +334,7 @@ class Target:
     kind: str                         # native, passthru, pyfuse3, kernel-overlay, ...
     options: list[str] = field(default_factory=list)   # extra -o options (FUSE CLIs)
     skip: str | None = None           # why it cannot run here
+    read_only: bool = False           # overlay over the lower layer alone, no upper
 
     @contextlib.contextmanager
     def mounted(self, data: Path, scratch: Path) -> Iterator[RunDirs]:
@@ -340,7 +348,11 @@ class Target:
                 yield RunDirs(data, data)
                 return
             mnt.mkdir(exist_ok=True)
-            if self.family == OVERLAY_FAMILY:
+            if self.family == OVERLAY_FAMILY and self.read_only:
+                # The kernel wants two lower layers when there is no upper: an empty one.
+                (scratch / "empty").mkdir(exist_ok=True)
+                layers = f"lowerdir={data}:{scratch / 'empty'}"
+            elif self.family == OVERLAY_FAMILY:
                 upper, work = scratch / "upper", scratch / "work"
                 upper.mkdir()
                 work.mkdir()
@@ -362,7 +374,7 @@ class Target:
                 _LIVE.remove(handle)
         finally:
             shutil.rmtree(data / "out", ignore_errors=True)
-            for sub in ("upper", "work", "mnt"):
+            for sub in ("upper", "work", "mnt", "empty"):
                 p = scratch / sub
                 if p.exists() and not os.path.ismount(p):
                     shutil.rmtree(p, ignore_errors=True)
@@ -404,6 +416,10 @@ _VARIANTS = {
     "passthru-nopt": ("passthru", ["cache=auto", "passthrough=off"]),
     "overlay-pyfuse3": ("overlay", ["session=pyfuse3"]),
     "overlay-nopt": ("overlay", ["passthrough=off"]),
+    "overlay-lpt": ("overlay", ["lower_passthrough"]),
+    "overlay-ro": ("overlay", []),
+    "kernel-overlay-ro": ("kernel-overlay", []),
+    "fuse-overlayfs-ro": ("fuse-overlayfs", []),
 }
 DEFAULT_TARGETS = ("native,passthru-auto,passthru-always,passthru-pyfuse3,pyfuse3-example,"
                    "kernel-overlay,fuse-overlayfs,overlay,overlay-pyfuse3")
@@ -419,7 +435,7 @@ def make_target(spec: str, cache: Path) -> Target:
         raise SystemExit(f"bench: target {base} takes no options")
     family = OVERLAY_FAMILY if kind in ("kernel-overlay", "fuse-overlayfs", "overlay") \
         else DIR_FAMILY
-    t = Target(spec, family, kind, [*opts, *extra])
+    t = Target(spec, family, kind, [*opts, *extra], read_only=base.endswith("-ro"))
     if kind in ("passthru", "overlay"):
         if importlib.util.find_spec(f"{kind}.__main__") is None:
             t.skip = f"`python -m {kind}` does not exist yet ({kind}/__main__.py missing)"
@@ -563,11 +579,16 @@ class Config:
     copyup_big: int
     stat_passes: int
     cache: Path
+    #: fio's fadvise_hint (FADV_RANDOM for randread). Kernel passthrough does not pass
+    #: fadvise on to the backing file, whose readahead then reads large folios per miss:
+    #: cold passthrough reads look faster than native. 0 compares everyone without it.
+    fadvise: bool = True
 
 
 class Workload:
     name = ""
     families: tuple[str, ...] = (DIR_FAMILY, OVERLAY_FAMILY)
+    writes = True  # False: runs on the read-only targets too
     metrics: tuple[Metric, ...] = ()
 
     def describe(self, cfg: Config) -> str:
@@ -618,6 +639,7 @@ class SeqWrite(Workload):
 
 class SeqRead(Workload):
     name = "seqread"
+    writes = False
     metrics = (Metric("cold", "MiB/s", True), Metric("warm", "MiB/s", True))
 
     def describe(self, cfg: Config) -> str:
@@ -639,13 +661,15 @@ class SeqRead(Workload):
 
 
 def run_fio(path: Path, size: int, engine: str, depth: int, runtime: int,
-            cold: bool) -> dict[str, float]:
+            cold: bool, fadvise: bool = True) -> dict[str, float]:
     argv = ["fio", "--name=randread", f"--filename={path}", "--readonly", "--rw=randread",
+            f"--fadvise_hint={int(fadvise)}",
             "--bs=4k", f"--size={size}", f"--ioengine={engine}", f"--iodepth={depth}",
             "--direct=0", f"--invalidate={1 if cold else 0}", f"--runtime={runtime}",
             "--randrepeat=0", "--output-format=json"]
     # Cold: a random map, so no block is read twice and every read misses the page cache
-    # (fio's default fadvise_hint=1 also turns readahead off); the job ends after one pass
+    # (fadvise_hint=1, fio's default, also turns readahead off, except on a kernel
+    # passthrough file: see Config.fadvise); the job ends after one pass
     # or the runtime, whichever comes first. Warm: time-based, repeats allowed.
     argv += [] if cold else ["--time_based", "--norandommap"]
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=runtime * 10
@@ -662,6 +686,7 @@ def run_fio(path: Path, size: int, engine: str, depth: int, runtime: int,
 
 class RandRead(Workload):
     name = "randread"
+    writes = False
     metrics = (Metric("psync qd1 cold", "IOPS", True), Metric("io_uring qd16 cold", "IOPS", True),
                Metric("psync qd1 warm", "IOPS", True), Metric("io_uring qd16 warm", "IOPS", True))
 
@@ -671,7 +696,9 @@ class RandRead(Workload):
                 "backing and mounted file, then fio --invalidate=1 with a random map (each "
                 f"block read at most once: every read misses), one pass or {cfg.fio_runtime} s; "
                 f"warm = after an untimed full read, --invalidate=0, {cfg.fio_runtime} s "
-                "time-based")
+                "time-based; " + ("FADV_RANDOM (fio's fadvise_hint=1), which kernel "
+                                  "passthrough does not pass on to the backing file"
+                                  if cfg.fadvise else "no FADV_RANDOM (--no-fadvise)"))
 
     def available(self, cfg: Config) -> str | None:
         return None if ensure_apt("fio", "fio") else "fio not installed"
@@ -685,11 +712,13 @@ class RandRead(Workload):
         for engine, depth in (("psync", 1), ("io_uring", 16)):
             evict(dirs.data / "big.bin", path)
             out[f"{engine} qd{depth} cold"] = run_fio(path, cfg.size, engine, depth,
-                                                      cfg.fio_runtime, True)["iops"]
+                                                      cfg.fio_runtime, True,
+                                                      cfg.fadvise)["iops"]
         run_driver("seqread", path, MiB)
         for engine, depth in (("psync", 1), ("io_uring", 16)):
             out[f"{engine} qd{depth} warm"] = run_fio(path, cfg.size, engine, depth,
-                                                      cfg.fio_runtime, False)["iops"]
+                                                      cfg.fio_runtime, False,
+                                                      cfg.fadvise)["iops"]
         return out
 
 
@@ -874,7 +903,8 @@ def run_benchmark(targets: list[Target], workloads: list[Workload], cfg: Config,
         if why:
             NOTES.add(f"workload {w.name} skipped: {why}")
             continue
-        runnable = [t for t in targets if t.skip is None and t.family in w.families]
+        runnable = [t for t in targets if t.skip is None and t.family in w.families
+                    and not (t.read_only and w.writes)]
         if not runnable:
             continue
         w.prepare(data, cfg)
@@ -911,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, help="meta workload file count (default 10000)")
     p.add_argument("--runs", type=int, help="runs per target and workload (default 3)")
     p.add_argument("--fio-runtime", type=int, help="seconds per fio job (default 10)")
+    p.add_argument("--no-fadvise", action="store_true",
+                   help="fio --fadvise_hint=0: no FADV_RANDOM, which kernel passthrough "
+                        "cannot pass on to its backing file (randread)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes, 1 run: a smoke check, not a measurement")
     p.add_argument("--json", metavar="FILE", help="also write results and notes as JSON")
@@ -936,7 +969,8 @@ def main(argv: list[str] | None = None) -> int:
                  copyup_files=200 if q else 2000,
                  copyup_big=(16 if q else 256) * MiB,
                  stat_passes=3,
-                 cache=Path(args.cache_dir).expanduser())
+                 cache=Path(args.cache_dir).expanduser(),
+                 fadvise=not args.no_fadvise)
     wnames = [w for w in args.workloads.split(",") if w]
     for w in wnames:
         if w not in WORKLOADS:

@@ -194,21 +194,26 @@ def test_backing_id_closed_only_after_the_last_release_under_a_storm(
 # --- overlay and copy-up ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def overlay(tmp_path: Path) -> Iterator[FuseTargetMount]:
+def _overlay(tmp_path: Path, extra: str = "") -> Iterator[FuseTargetMount]:
+    """A writable overlay on the native session, lower files a, b, c, d."""
     d = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
     for p in d.values():
         p.mkdir()
     for name in ("a", "b", "c", "d"):
         (d["lower"] / name).write_bytes(b"lower " + name.encode() * 1000)
     opts = (f"lowerdir={d['lower']},upperdir={d['upper']},workdir={d['work']},"
-            "session=native")
+            f"session=native{extra}")
     m = _mount(cli_argv("overlay", "-o", opts, str(d["mnt"])), d["mnt"], data=d["lower"])
     try:
         yield m
         m.mount.unmount_clean()
     finally:
         m.mount.force_cleanup()
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Iterator[FuseTargetMount]:
+    yield from _overlay(tmp_path)
 
 
 def _rw_check(reader_first: bool, mnt: Path, name: str) -> None:
@@ -257,6 +262,111 @@ def test_copy_up_orderings_give_both_openers_the_right_data(
     assert not (upper / "d").exists()
     pt = _pt(overlay)
     assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 1
+
+
+@pytest.fixture
+def lower_pt(tmp_path: Path) -> Iterator[FuseTargetMount]:
+    """The same with ``-o lower_passthrough``."""
+    yield from _overlay(tmp_path, ",lower_passthrough")
+
+
+@needs_passthrough
+def test_lower_passthrough_orderings(lower_pt: FuseTargetMount) -> None:
+    # fuse-overlayfs's semantics, by choice of the mount: a file opened read-only before a
+    # copy-up keeps reading the lower file; every later open sees the upper copy; stat
+    # sees one st_ino throughout; no READ or WRITE reaches the daemon.
+    mnt = lower_pt.root
+    upper, lower = mnt.parent / "upper", mnt.parent / "lower"
+    ino = {n: os.stat(mnt / n).st_ino for n in "abcd"}
+    before = _ops(lower_pt)
+
+    # 1. a reader on the lower file, then a writer (its open is answered ESTALE once and
+    #    the kernel opens a new inode of the path)
+    with open(mnt / "a", "rb", buffering=0) as r:
+        assert r.read(6) == b"lower "
+        with open(mnt / "a", "r+b", buffering=0) as w:
+            w.write(b"UPPER!")
+            assert os.fstat(w.fileno()).st_ino == ino["a"]
+        r.seek(0)
+        assert r.read(6) == b"lower ", "the old reader keeps the lower file"
+        assert os.fstat(r.fileno()).st_ino == ino["a"]
+        with open(mnt / "a", "rb", buffering=0) as r2:
+            assert r2.read(6) == b"UPPER!"
+    # 2. a reader, a copy-up by chmod (no open), then a new reader and a writer
+    with open(mnt / "b", "rb", buffering=0) as r:
+        assert r.read(6) == b"lower "
+        os.chmod(mnt / "b", 0o600)
+        with open(mnt / "b", "rb", buffering=0) as r2, \
+                open(mnt / "b", "r+b", buffering=0) as w:
+            w.write(b"UPPER!")
+            assert r2.read(6) == b"UPPER!"
+        r.seek(0)
+        assert r.read(6) == b"lower "
+    # 3. a reader opens and closes the lower file, then writer and reader overlap: nothing
+    #    to detach
+    (mnt / "c").read_bytes()
+    _rw_check(False, mnt, "c")
+    # 4. truncate(2) of the path under a reader
+    with open(mnt / "d", "rb", buffering=0) as r:
+        os.truncate(mnt / "d", 3)
+        assert os.stat(mnt / "d").st_size == 3
+        assert (mnt / "d").read_bytes() == b"low"
+        r.seek(0)
+        assert r.read(6) == b"lower "
+
+    after = _ops(lower_pt)
+    assert after.get("READ", 0) == before.get("READ", 0), after
+    assert after.get("WRITE", 0) == before.get("WRITE", 0), after
+    assert {n: os.stat(mnt / n).st_ino for n in "abcd"} == ino
+    assert (upper / "a").read_bytes()[:6] == b"UPPER!"
+    assert (upper / "b").read_bytes()[:6] == b"UPPER!"
+    assert stat.S_IMODE(os.stat(upper / "b").st_mode) == 0o600
+    assert (upper / "d").read_bytes() == b"low"
+    for name in "abcd":
+        assert (lower / name).read_bytes() == b"lower " + name.encode() * 1000
+    pt = _pt(lower_pt)
+    assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 4
+
+
+@needs_passthrough
+def test_lower_passthrough_readers_opening_during_a_copy_up(lower_pt: FuseTargetMount) -> None:
+    # Readers that open the lower file while a writer's open copies it up register the
+    # lower file after the writer's open checked for readers: the writer must still get the
+    # upper copy (detached again, not EIO, never the lower file).
+    mnt = lower_pt.root
+    upper, lower = mnt.parent / "upper", mnt.parent / "lower"
+    big = _payload(64 * MiB, seed=5)
+    (lower / "big").write_bytes(big)
+    os.stat(mnt / "big")
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with open(mnt / "big", "r+b", buffering=0) as w:
+                w.write(b"W")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    readers = []
+    try:
+        t.start()
+        while t.is_alive() and len(readers) < 500:
+            readers.append(open(mnt / "big", "rb", buffering=0))  # noqa: SIM115
+            time.sleep(0.0005)
+        t.join(60)
+        assert not errors, errors
+        for r in readers:
+            assert r.read(2) in (big[:2], b"W" + big[1:2])
+    finally:
+        for r in readers:
+            r.close()
+    with open(mnt / "big", "rb", buffering=0) as r:
+        assert r.read(2) == b"W" + big[1:2]
+    assert (upper / "big").read_bytes()[:2] == b"W" + big[1:2]
+    assert (lower / "big").read_bytes()[:2] == big[:2]
+    pt = _pt(lower_pt)
+    assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"]
 
 
 @needs_passthrough

@@ -40,3 +40,12 @@ def test_every_write_is_erofs(ovl: OvlLayers, op: str) -> None:
     assert e.value.errno == errno.EROFS
     assert f.read_text() == "x" and sorted(os.listdir(mnt)) == ["d", "f"]
     assert os.listdir(ovl.upper) == [] and os.listdir(ovl.work) == []
+
+
+def test_mount_without_upper_is_a_read_only_mount(ovl: OvlLayers) -> None:
+    # As kernel overlayfs without upperdir: the VFS refuses writes itself, and statvfs and
+    # mount(8) say ro.
+    (ovl.lower1 / "f").write_text("x")
+    mnt = ovl.mount(upper=False)
+    assert os.statvfs(mnt).f_flag & os.ST_RDONLY
+    assert (mnt / "f").read_text() == "x"

@@ -30,7 +30,7 @@ from backingfs.fsapi import (
 )
 from backingfs.fusemount import MS_NOATIME, MS_NODEV, MS_NOSUID, MS_RDONLY, mount_spec
 from backingfs.native import NativeSession
-from backingfs.passthrough import BackingIds
+from backingfs.passthrough import BackingIds, BackingMismatchError
 
 # --- layouts -----------------------------------------------------------------------------------
 
@@ -99,7 +99,9 @@ class FakeIoctls:
 
 
 def table(ioctls: FakeIoctls, enabled: bool = True) -> BackingIds:
-    return BackingIds(-1, enabled, open_ioctl=ioctls.open, close_ioctl=ioctls.close)
+    # Fake fds name files by their tens: 30 and 31 are two opens of one file, 40 another.
+    return BackingIds(-1, enabled, open_ioctl=ioctls.open, close_ioctl=ioctls.close,
+                      identify=lambda fd: (0, fd // 10))
 
 
 def test_one_id_per_inode_closed_at_the_last_release_only() -> None:
@@ -143,6 +145,22 @@ def test_cached_and_passthrough_opens_of_one_inode_never_mix() -> None:
     assert t.decide(5, fh=3, backing_fd=33) == 1     # free again: passthrough
     # with a registration, even an open without an offer must be passthrough (same id)
     assert t.decide(5, fh=4, backing_fd=None) == 1
+
+
+def test_an_open_offering_another_file_than_the_registered_one_fails() -> None:
+    # overlay: an inode registered with its lower file must never get an open of its upper
+    # copy answered with the lower file's id (writes would land in the lower layer).
+    io = FakeIoctls()
+    t = table(io)
+    assert t.decide(5, fh=1, backing_fd=30) == 1
+    with pytest.raises(BackingMismatchError) as exc:
+        t.decide(5, fh=2, backing_fd=40)
+    assert exc.value.errno == errno.EIO
+    assert t.statistics().passthrough_opens == 1   # the refused open was not accounted
+    t.release(2)   # its release (the caller undoes the open) changes nothing
+    assert io.open_ids == {1}
+    t.release(1)
+    assert io.open_ids == set()
 
 
 def test_refused_registration_falls_back_and_is_logged_once(
@@ -255,7 +273,7 @@ class PipeSession(NativeSession):
         self.rfd, self.fd = os.pipe()
         self.interrupted = False
         self.backing = BackingIds(-1, True, open_ioctl=lambda d, f: 7,
-                                  close_ioctl=lambda d, i: None)
+                                  close_ioctl=lambda d, i: None, identify=lambda fd: (0, fd))
 
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> bool:
         if self.interrupted:
@@ -691,3 +709,18 @@ def test_enodev_while_polling_ends_the_session_quietly(monkeypatch: pytest.Monke
     assert calls >= 50
     assert not s._mounted
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_open_offering_another_backing_file_fails_and_is_released(
+        sess: PipeSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDONLY, 0)))
+    assert sess.take()[0] == 0   # fh 10, backing file 99 registered for inode 2
+
+    async def other_file(ino: int, flags: int, caller: Caller) -> OpenReply:
+        return OpenReply(fh=11, backing=98)
+
+    monkeypatch.setattr(sess.fs, "open", other_file)
+    trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDWR, 0)))
+    assert sess.take()[0] == -errno.EIO
+    assert sess.fs.released == [11]   # the refused open's handle was given back
+    assert sess.backing.statistics().passthrough_opens == 1
