@@ -178,6 +178,11 @@ class Filesystem:
         fds). True if that was asked, so a retry after a moment may succeed."""
         return False
 
+    def backing_declined(self, fh: int) -> None:
+        """The open ``fh`` offered a ``backing`` fd but is answered without passthrough
+        (refused by the kernel, or the inode has cached opens): its data goes through
+        read/write. Called before the open's reply. Must not raise."""
+
     async def destroy(self) -> None:
         """Called at unmount, after the last request: drain I/O, forget every inode."""
 

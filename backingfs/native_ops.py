@@ -394,6 +394,8 @@ async def rename2(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: by
 def _open_flags(s: NativeSession, nodeid: int, reply: OpenReply) -> tuple[int, int]:
     """(open_flags, backing_id) for an open reply; accounts the open in ``s.backing``."""
     backing_id = s.backing.decide(nodeid, reply.fh, reply.backing)
+    if reply.backing is not None and not backing_id:
+        s.fs.backing_declined(reply.fh)
     if backing_id:
         # keep_cache and direct_io are meaningless (and keep_cache refused) in passthrough.
         return abi.FOPEN_PASSTHROUGH | (abi.FOPEN_NONSEEKABLE if reply.nonseekable else 0), \

@@ -293,15 +293,26 @@ def _whiteout_sync(sb: Superblock, parent_fd: int, name: bytes, has_upper: bool)
         _discard(sb.work_fd, tmp)
         return
     # .wh.NAME first (it needs an fd): out of fds after the removal, the lower object
-    # would show again. Beside a still present upper object it hides that object too.
-    wo.make_whiteout(parent_fd, name, wo.WHITEOUT_AUFS)
+    # would show again. It hides nothing of the upper object beside it (namei.resolve).
+    made = _make_aufs_whiteout(parent_fd, name)
     if has_upper:
         try:
             _remove_upper_sync(sb, parent_fd, name)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
             raise
+
+
+def _make_aufs_whiteout(dir_fd: int, name: bytes) -> bool:
+    """Make ``.wh.NAME``; False if one is there already (left by a crash between making
+    it and the change it goes with: it hides the layers below, as it should)."""
+    try:
+        wo.make_whiteout(dir_fd, name, wo.WHITEOUT_AUFS)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _remove_upper_sync(sb: Superblock, parent_fd: int, name: bytes) -> None:
@@ -475,18 +486,24 @@ def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
         return
     below = lower_positive(sb, old_parent, old_name)
-    if src_is_dir and new_parent.lowers and not src.is_opaque:
-        _set_opaque(sb, src)
-    if dst is not None and dst_is_dir and dst.upper is not None:
-        remove_upper_whiteouts(sb, dst.upper)  # only whiteouts left: checked empty
+    # A .wh.NAME whiteout is made first: it needs an fd, and out of fds after the rename
+    # the lower name would show again (and a retry would copy it up over the moved file),
+    # or after emptying the target below, its lower entries. An upper object beside its
+    # .wh.NAME stays visible (namei.resolve), so this hides nothing yet.
+    aufs_wh = below and sb.whiteout_kind != wo.WHITEOUT_CHR
+    made_wh = aufs_wh and _make_aufs_whiteout(old_fd, old_name)
+    try:
+        if src_is_dir and new_parent.lowers and not src.is_opaque:
+            _set_opaque(sb, src)
+        if dst is not None and dst_is_dir and dst.upper is not None:
+            remove_upper_whiteouts(sb, dst.upper)  # only whiteouts left: checked empty
+    except BaseException:
+        if made_wh:
+            with contextlib.suppress(OSError):
+                os.unlink(wo.aufs_name(old_name), dir_fd=old_fd)
+        raise
     target = wo.lstat_at(new_fd, new_name)
     aufs_target = wo.has_aufs_whiteout(new_fd, new_name)
-    # A .wh.NAME whiteout is made before the rename: it needs an fd, and out of fds after
-    # the rename the lower name would show again (and a retry would copy it up over the
-    # moved file). Until the rename it hides nothing: the source is on the upper.
-    aufs_wh = below and sb.whiteout_kind != wo.WHITEOUT_CHR
-    if aufs_wh:
-        wo.make_whiteout(old_fd, old_name, wo.WHITEOUT_AUFS)
     try:
         if target is not None and wo.is_chr_whiteout(target) and src_is_dir:
             # A directory cannot replace a char device: swap, and the whiteout lands at
@@ -500,7 +517,7 @@ def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
             renameat2(old_fd, old_name, new_fd, new_name, 0)
             swapped = False
     except BaseException:
-        if aufs_wh:
+        if made_wh:
             with contextlib.suppress(OSError):
                 os.unlink(wo.aufs_name(old_name), dir_fd=old_fd)
         raise

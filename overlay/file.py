@@ -15,9 +15,12 @@ that needs the upper file (for write, or after a copy-up) while lower passthroug
 last detaches the inode (``InodeTable.mark_stale``) and answers ESTALE; the kernel then
 looks the path up again (LOOKUP_REVAL), gets a new inode for the same object, with the
 same st_ino, and opens that one. The detached inode's open files keep reading the lower
-file: fuse-overlayfs's semantics, not the kernel's (reference §B.8). Only path opens are
-retried by the kernel: reopening a detached file through /proc/PID/fd for write fails with
-ESTALE.
+file: fuse-overlayfs's semantics, not the kernel's (reference §B.8). Only an open that
+walks a path is retried by the kernel: while lower passthrough readers of a copied-up file
+last, an open of it that walks no name (through /proc/PID/fd/N, fexecve, or a bind mount of
+the file itself) fails with ESTALE. Such a failed open has changed no data: its copy-up is
+a whole one, and O_TRUNC is left to the retried open. An open the kernel does not serve
+by passthrough (refused, ``backing_declined``) counts for nothing: a plain handle.
 
 Writes hold ``inode.lock`` (the kernel's inode_lock in ``ovl_write_iter``), which also
 makes an APPEND write's EOF exact. ``end_write`` is the kernel's ``ovl_copyattr``: size,
@@ -130,7 +133,10 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
         if not stat.S_ISREG(inode.mode):
             # special files are never copied up on open (never reach us over FUSE anyway)
             raise OSError(errno.EINVAL, "open for write of a special file")
-        await copy_up(sb, inode, size=0 if flags & os.O_TRUNC else None)
+        # With lower passthrough readers the open may end in ESTALE below: a whole copy
+        # then, so that an open that fails has changed no data (the retry truncates).
+        trunc = flags & os.O_TRUNC and not inode.lower_passthrough_opens
+        await copy_up(sb, inode, size=0 if trunc else None)
     # Checked after the copy-up, which may let a reader in: once the inode has its upper
     # copy no open offers the lower file, so none can be registered after this point.
     if inode.lower_passthrough_opens and inode.upper is not None:
@@ -177,6 +183,20 @@ def _passthrough_fd(sb: Superblock, handle: OvlFileHandle) -> int | None:
         inode.lower_passthrough_opens += 1
         return handle.file.fd
     return None
+
+
+def backing_declined(sb: Superblock, fh: int) -> None:
+    """The kernel did not take the lower file offered for this open (passthrough refused):
+    the handle is a plain one, which follows a copy-up and detaches nothing."""
+    try:
+        handle: OvlFileHandle = sb.handles.get(fh)
+    except OSError:
+        return
+    if handle.lower_passthrough:
+        handle.lower_passthrough = False
+        inode = handle.inode
+        assert isinstance(inode, OvlInode)
+        inode.lower_passthrough_opens -= 1
 
 
 def _keep_cache(sb: Superblock) -> bool:

@@ -82,14 +82,18 @@ def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
                                                  parent.upper_xwhiteouts):
                 res.upper_whiteout = True
                 return res
-            if wo.has_aufs_whiteout(parent.upper, name):
+            if st is None and wo.has_aufs_whiteout(parent.upper, name):
                 res.upper_whiteout = True
                 return res
             if st is not None:
+                # A .wh.NAME hides NAME in the layers below only, never an object beside
+                # it in its own layer (OCI layers; and how lower layers are read here).
                 res.st = st
                 res.upper = open_path(parent.upper, name)
                 if stat.S_ISDIR(st.st_mode):
                     res.is_opaque, res.upper_xwhiteouts = wo.dir_state(res.upper, prefix)
+                    if not res.is_opaque and wo.has_aufs_whiteout(parent.upper, name):
+                        res.is_opaque = True  # a new directory over a deleted one
                     done = res.is_opaque
                 else:
                     done = True

@@ -73,6 +73,9 @@ class OverlayFs(Filesystem):
     def relieve_fds(self) -> bool:
         return self.sb.inodes.prune_now()
 
+    def backing_declined(self, fh: int) -> None:
+        ovl_file.backing_declined(self.sb, fh)
+
     async def destroy(self) -> None:
         await self.sb.handles.release_all()
         await self.sb.inodes.io.wait_drained()

@@ -75,8 +75,7 @@ def merged_names(sb: Superblock, inode: OvlInode) -> list[tuple[bytes, int]]:
             if name in seen or wo.is_aufs_name(name):
                 continue
             seen.add(name)
-            if name in hidden:
-                continue
+            # ``hidden`` (.wh.NAME) hides NAME below this layer only (namei.resolve)
             if d_type in (DT_CHR, 0) or (has_xwh and d_type == DT_REG):
                 st = wo.lstat_at(fd, name)
                 if st is None or wo.is_whiteout(fd, name, st, sb.prefix, has_xwh):

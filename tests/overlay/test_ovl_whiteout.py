@@ -201,6 +201,39 @@ def test_aufs_whiteouts_written_when_asked(ovl: OvlLayers) -> None:
     assert os.listdir(mnt) == ["f"]
 
 
+def test_aufs_whiteout_hides_only_the_layers_below_its_own(ovl: OvlLayers) -> None:
+    # OCI: a whiteout applies to lower layers only; an object beside it in its own layer
+    # stays. In the upper layer that is also what a crash leaves between making .wh.NAME
+    # and the rename or removal it goes with (overlay/dir.py makes the whiteout first).
+    (ovl.lower2 / "a").write_text("lower a")
+    (ovl.lower2 / "d").mkdir()
+    (ovl.lower2 / "d" / "old").write_text("o")
+    (ovl.lower1 / "b").write_text("lower1 b")
+    (ovl.lower1 / ".wh.b").write_text("")
+    (ovl.lower2 / "b").write_text("lower2 b")
+    (ovl.upper / "a").write_text("upper a")
+    (ovl.upper / ".wh.a").write_text("")
+    (ovl.upper / "d").mkdir()
+    (ovl.upper / "d" / "new").write_text("n")
+    (ovl.upper / ".wh.d").write_text("")
+    mnt = ovl.mount(env={"FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT": "1"})
+    assert (mnt / "a").read_text() == "upper a"
+    assert (mnt / "b").read_text() == "lower1 b"
+    assert os.listdir(mnt / "d") == ["new"]   # a new directory over a deleted one: opaque
+    assert sorted(os.listdir(mnt)) == ["a", "b", "d"]
+    # and the names work as any other: rename, unlink, create again
+    os.rename(mnt / "a", mnt / "a2")
+    assert sorted(os.listdir(mnt)) == ["a2", "b", "d"]
+    os.unlink(mnt / "a2")
+    (mnt / "a").write_text("again")
+    assert (mnt / "a").read_text() == "again"
+    assert sorted(os.listdir(mnt)) == ["a", "b", "d"]
+    ovl.unmount()
+    mnt = ovl.mount(env={"FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT": "1"})
+    assert (mnt / "a").read_text() == "again"
+    assert os.listdir(mnt / "d") == ["new"]
+
+
 def test_names_starting_with_wh_are_refused(ovl: OvlLayers) -> None:
     mnt = ovl.mount()
     with pytest.raises(OSError) as e:

@@ -212,6 +212,7 @@ class FakeFs(Filesystem):
     def __init__(self) -> None:
         self.forgotten: list[tuple[int, int]] = []
         self.released: list[int] = []
+        self.declined: list[int] = []
         self.calls: list[tuple[Any, ...]] = []
         self.xattrs: dict[bytes, bytes] = {}
 
@@ -229,6 +230,9 @@ class FakeFs(Filesystem):
 
     async def release(self, fh: int) -> None:
         self.released.append(fh)
+
+    def backing_declined(self, fh: int) -> None:
+        self.declined.append(fh)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return b"hello"[off:off + size]
@@ -724,3 +728,17 @@ def test_open_offering_another_backing_file_fails_and_is_released(
     assert sess.take()[0] == -errno.EIO
     assert sess.fs.released == [11]   # the refused open's handle was given back
     assert sess.backing.statistics().passthrough_opens == 1
+
+
+def test_a_refused_backing_is_told_to_the_filesystem(sess: PipeSession) -> None:
+    # overlay's lower passthrough counts the opens the kernel serves from a lower file: an
+    # open the kernel refused (EPERM in a user namespace) must not count.
+    def refuse(devfd: int, fd: int) -> int:
+        raise OSError(errno.EPERM, "no CAP_SYS_ADMIN")
+
+    sess.backing = BackingIds(-1, True, open_ioctl=refuse, close_ioctl=lambda d, i: None,
+                              identify=lambda fd: (0, fd))
+    trio.run(sess._dispatch, request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDONLY, 0)))
+    error, _, body = sess.take()
+    assert error == 0 and abi.OPEN_OUT.unpack(body)[2] == 0   # no backing id
+    assert sess.fs.declined == [10]
