@@ -465,6 +465,13 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
             sb.inodes.forget(inode.ino, 1)
 
 
+def _own_opaque(sb: Superblock, inode: OvlInode) -> bool:
+    """Whether the upper directory is opaque by a marker of its own, which moves with it:
+    one opaque only through a ``.wh.NAME`` beside it (namei.resolve) loses that in a rename."""
+    assert inode.upper is not None
+    return inode.is_opaque and wo.dir_state(inode.upper, sb.prefix)[0]
+
+
 def _set_opaque(sb: Superblock, inode: OvlInode) -> None:
     assert inode.upper is not None
     bxattrs.fsetxattr(inode.upper, sb.prefix + b"opaque", b"y")
@@ -479,9 +486,9 @@ def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
     assert old_fd is not None and new_fd is not None
     if exchange:
         assert dst is not None
-        if src_is_dir and new_parent.lowers and not src.is_opaque:
+        if src_is_dir and new_parent.lowers and not _own_opaque(sb, src):
             _set_opaque(sb, src)
-        if dst_is_dir and old_parent.lowers and not dst.is_opaque:
+        if dst_is_dir and old_parent.lowers and not _own_opaque(sb, dst):
             _set_opaque(sb, dst)
         renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
         return
@@ -493,7 +500,7 @@ def _rename_sync(sb: Superblock, old_parent: OvlInode, old_name: bytes,
     aufs_wh = below and sb.whiteout_kind != wo.WHITEOUT_CHR
     made_wh = aufs_wh and _make_aufs_whiteout(old_fd, old_name)
     try:
-        if src_is_dir and new_parent.lowers and not src.is_opaque:
+        if src_is_dir and new_parent.lowers and not _own_opaque(sb, src):
             _set_opaque(sb, src)
         if dst is not None and dst_is_dir and dst.upper is not None:
             remove_upper_whiteouts(sb, dst.upper)  # only whiteouts left: checked empty

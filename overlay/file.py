@@ -133,9 +133,10 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
         if not stat.S_ISREG(inode.mode):
             # special files are never copied up on open (never reach us over FUSE anyway)
             raise OSError(errno.EINVAL, "open for write of a special file")
-        # With lower passthrough readers the open may end in ESTALE below: a whole copy
-        # then, so that an open that fails has changed no data (the retry truncates).
-        trunc = flags & os.O_TRUNC and not inode.lower_passthrough_opens
+        # With lower passthrough the open may end in ESTALE below (readers may also come
+        # during the copy-up): a whole copy then, so that an open that fails has changed
+        # no data. O_TRUNC is applied below, by this open or its retry.
+        trunc = flags & os.O_TRUNC and not sb.lower_passthrough
         await copy_up(sb, inode, size=0 if trunc else None)
     # Checked after the copy-up, which may let a reader in: once the inode has its upper
     # copy no open offers the lower file, so none can be registered after this point.

@@ -125,6 +125,8 @@ def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved
             # The walk ends after the bottom lower anyway: its opacity is not needed there.
             opaque, xwh = (wo.dir_state(fd, sb.prefix, i == bottom) if is_dir
                            else (False, False))
+            if is_dir and not opaque and i != bottom and wo.has_aufs_whiteout(lower.fd, name):
+                opaque = True  # a new directory over a deleted one, as in the upper layer
         except BaseException:
             os.close(fd)
             raise

@@ -9,6 +9,10 @@ import stat
 import pytest
 from ovl_layers import OvlLayers
 
+from backingfs.syscalls import RENAME_EXCHANGE, renameat2
+
+AT_FDCWD = -100
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -232,6 +236,52 @@ def test_aufs_whiteout_hides_only_the_layers_below_its_own(ovl: OvlLayers) -> No
     mnt = ovl.mount(env={"FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT": "1"})
     assert (mnt / "a").read_text() == "again"
     assert os.listdir(mnt / "d") == ["new"]
+
+
+def test_directory_opaque_by_a_whiteout_beside_it_stays_opaque_when_moved(
+        ovl: OvlLayers) -> None:
+    # Its opacity comes from its parent's .wh.d, which does not move with it: a rename
+    # (or exchange) must give it a marker of its own.
+    for name in ("d", "e", "x"):
+        (ovl.lower2 / name).mkdir()
+        (ovl.lower2 / name / f"lower_{name}").write_text("l")
+    (ovl.upper / "d").mkdir()
+    (ovl.upper / "d" / "new").write_text("n")
+    (ovl.upper / ".wh.d").write_text("")
+    (ovl.upper / ".wh.e").write_text("")
+    for name in ("x", "a"):
+        (ovl.upper / name).mkdir()
+        (ovl.upper / name / f"upper_{name}").write_text("u")
+        (ovl.upper / f".wh.{name}").write_text("")
+    (ovl.lower2 / "a").mkdir()
+    (ovl.lower2 / "a" / "lower_a").write_text("l")
+    (ovl.lower2 / "b").mkdir()
+    (ovl.lower2 / "b" / "lower_b").write_text("l")
+    (ovl.upper / "b").mkdir()
+    (ovl.upper / "b" / "upper_b").write_text("u")
+    os.setxattr(ovl.upper / "b", "trusted.overlay.opaque", b"y")
+    (ovl.lower1 / "m").mkdir()        # a lower directory beside its own .wh. (layer 1)
+    (ovl.lower1 / "m" / "l1new").write_text("1")
+    (ovl.lower1 / ".wh.m").write_text("")
+    (ovl.lower2 / "m").mkdir()
+    (ovl.lower2 / "m" / "l2old").write_text("2")
+    env = {"FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT": "1"}
+    mnt = ovl.mount(env=env)
+    assert os.listdir(mnt / "m") == ["l1new"]
+    os.rename(mnt / "d", mnt / "e")   # onto a name whited out by .wh.e
+    assert os.listdir(mnt / "e") == ["new"]
+    os.rename(mnt / "x", mnt / "z")   # onto a new name
+    assert os.listdir(mnt / "z") == ["upper_x"]
+    renameat2(AT_FDCWD, bytes(mnt / "a"), AT_FDCWD, bytes(mnt / "b"), RENAME_EXCHANGE)
+    assert os.listdir(mnt / "b") == ["upper_a"]
+    assert os.listdir(mnt / "a") == ["upper_b"]
+    ovl.unmount()
+    mnt = ovl.mount(env=env)
+    assert os.listdir(mnt / "e") == ["new"]
+    assert os.listdir(mnt / "z") == ["upper_x"]
+    assert os.listdir(mnt / "b") == ["upper_a"]
+    assert os.listdir(mnt / "a") == ["upper_b"]
+    assert sorted(os.listdir(mnt)) == ["a", "b", "e", "m", "z"]
 
 
 def test_names_starting_with_wh_are_refused(ovl: OvlLayers) -> None:
