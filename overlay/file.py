@@ -100,12 +100,16 @@ class OvlFileHandle(Handle):
         assert self.file is not None
         return self.file
 
-    def close(self) -> None:
+    def end_lower_passthrough(self) -> None:
+        """No longer counted as served from the lower file (closed, or never taken)."""
         if self.lower_passthrough:
             self.lower_passthrough = False
             inode = self.inode
             assert isinstance(inode, OvlInode)
             inode.lower_passthrough_opens -= 1
+
+    def close(self) -> None:
+        self.end_lower_passthrough()
         super().close()
 
 
@@ -193,11 +197,7 @@ def backing_declined(sb: Superblock, fh: int) -> None:
         handle: OvlFileHandle = sb.handles.get(fh)
     except OSError:
         return
-    if handle.lower_passthrough:
-        handle.lower_passthrough = False
-        inode = handle.inode
-        assert isinstance(inode, OvlInode)
-        inode.lower_passthrough_opens -= 1
+    handle.end_lower_passthrough()
 
 
 def _keep_cache(sb: Superblock) -> bool:
