@@ -256,3 +256,86 @@ def test_out_of_fds_a_request_fails_whole_or_succeeds(tmp_path: Path, op: str,
             assert not os.path.lexists(upper / "d")
     finally:
         sb.inodes.forget_all()
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every entry under ``root`` with its type, content and opaque marker."""
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_dir():
+                out[rel] = ("dir", os.getxattr(p, "trusted.overlay.opaque")
+                            if "trusted.overlay.opaque" in os.listxattr(p) else None)
+            else:
+                out[rel] = ("file", p.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("failing", ["free fds", "make_whiteout", "remove_upper_whiteouts"])
+def test_out_of_fds_a_directory_renamed_onto_a_merged_one_fails_whole(
+        tmp_path: Path, failing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # AUFS whiteouts: the .wh. of the source is made before the target's own whiteouts are
+    # emptied, so running out of fds in either step leaves the target's deleted lower
+    # entries hidden. (A plain fd limit rarely fails the second step alone: each step gives
+    # its fd back, so the injected failures stand for fds taken by other threads.)
+    dirs = {n: tmp_path / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["lower"] / "f").write_bytes(b"lower f")
+    (dirs["lower"] / "d2").mkdir()
+    (dirs["lower"] / "d2" / "x").write_bytes(b"deleted")
+    (dirs["upper"] / "f").mkdir()               # an upper directory over a lower file
+    (dirs["upper"] / "f" / "inside").write_bytes(b"kept")
+    (dirs["upper"] / "d2").mkdir()              # merged, every entry deleted
+    (dirs["upper"] / "d2" / ".wh.x").write_bytes(b"")
+    params = OvlParams(lowerdirs=[str(dirs["lower"])], upperdir=str(dirs["upper"]),
+                       workdir=str(dirs["work"]))
+    sb = Superblock.mount(params, str(dirs["mnt"]))
+    sb.whiteout_kind = wo.WHITEOUT_AUFS
+    before = _tree(dirs["upper"])
+
+    def emfile(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "injected")
+
+    async def attempt() -> None:
+        await ovl_dir.rename(sb, sb.inodes.root, b"f", sb.inodes.root, b"d2", 0)
+
+    async def main() -> None:
+        if failing == "free fds":
+            for free in range(16):   # until the rename has the fds it needs
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                held = _use_up_fds(free)
+                try:
+                    await attempt()
+                    return
+                except OSError as e:
+                    assert e.errno == errno.EMFILE
+                finally:
+                    for fd in held:
+                        os.close(fd)
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                _assert_unchanged()
+            raise AssertionError("the rename failed even with 15 free fds")
+        with monkeypatch.context() as m:
+            m.setattr(wo if failing == "make_whiteout" else ovl_dir, failing, emfile)
+            with pytest.raises(OSError):
+                await attempt()
+        _assert_unchanged()
+        await attempt()
+
+    def _assert_unchanged() -> None:
+        now = _tree(dirs["upper"])
+        # The source may have become opaque already: invisible where it is (no lower
+        # directory f), and what the retry does anyway.
+        now["f"] = before["f"]
+        assert now == before
+
+    try:
+        trio.run(main)
+        assert _tree(dirs["upper"]) == {".wh.f": ("file", b""),
+                                        "d2": ("dir", b"y"),
+                                        "d2/inside": ("file", b"kept")}
+    finally:
+        sb.inodes.forget_all()
