@@ -166,6 +166,9 @@ class Filesystem:
     #: ``backing`` fd itself. Their writes then never reach the filesystem, so attributes
     #: must come from the backing file (getattr stats it), not from a cache of our writes.
     passthrough: bool = False
+    #: Set by the front-end before ``init``: an ``Entry.node`` apart from ``attr.st_ino``
+    #: is honoured (the native session; pyfuse3 sends st_ino as the node id).
+    node_ids: bool = False
     #: Set by the front-end before ``init``: how to tell the kernel that a cached entry or
     #: inode changed behind its back (``notify.Notifier``); None outside a session.
     notifier: Notifier | None = None

@@ -27,8 +27,10 @@ link (the copy breaks the hard link, and two uppers must not claim one number). 
 of a lower hard link is its own inode already (namei.adopt); the copied name's inode is
 re-keyed to the new upper file (``_broke_hard_link``), keeping its kernel inode (one page
 cache for the file and any link made to it), and the kernel's cached attributes (nlink 2)
-are invalidated. Its st_ino stays what it was until the kernel forgets the inode; a later
-lookup, and a remount, report the upper file's own.
+are invalidated. On the native session it reports the upper file's st_ino from then on, as
+the kernel's overlayfs does, while the other names keep the lower file's. Under pyfuse3
+(node id = st_ino) its st_ino stays what it was until the kernel forgets the inode; a
+later lookup, and a remount, report the upper file's own.
 
 Handles opened before the copy-up notice it on their next I/O (file.py).
 """
@@ -139,6 +141,14 @@ async def _broke_hard_link(sb: Superblock, inode: OvlInode) -> None:
     if not sb.inodes.rekey(inode, key):
         # Another inode already adopted the upper file (a lookup raced the copy-up).
         sb.inodes.mark_stale(inode)
+    elif sb.node_ids and isinstance(key, int) and key != inode.st_ino:
+        # The lower number now belongs to the other names only: the copy reports its own
+        # at once, as in the kernel (its node id stays: handles and page cache are kept),
+        # in stat and in its parent's listing, which the kernel may hold cached (d_ino).
+        inode.st_ino = key
+        parent = inode.parent
+        if sb.notifier is not None and parent is not None:
+            await sb.notifier.invalidate_inode(parent.ino)
     if sb.notifier is not None:
         await sb.notifier.invalidate_inode(inode.ino, attr_only=True)
 

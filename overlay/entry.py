@@ -64,7 +64,9 @@ class OvlInode(Inode):
         self.table: InodeTable[OvlInode] | None = None  # for the parent reference
         self.holds_parent_ref = False
         #: What stat reports: ``ino``, but a successor of an inode detached for lower
-        #: passthrough (file.py) keeps its predecessor's number, unchanged by the copy-up.
+        #: passthrough (file.py) keeps its predecessor's number, unchanged by the copy-up,
+        #: and every name of a lower hard link reports the lower file's (namei.adopt)
+        #: until its copy-up gives it the upper file's (copyup._broke_hard_link).
         self.st_ino = ino
         #: Open handles whose reads the kernel serves from the lower file (file.py).
         self.lower_passthrough_opens = 0

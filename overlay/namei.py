@@ -186,13 +186,18 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
     else:  # unmappable backing ino: a non-persistent number, unique per backing object
         layer = res.lowers[0].layer.index if res.upper is None else 0
         key = ("nomap", layer, res.st.st_dev, res.st.st_ino)
+    link_st_ino: int | None = None
     if (res.upper is None and not res.is_dir and res.st.st_nlink > 1
             and not sb.is_read_only):
         # A lower hard link that copy-up will break (no index): each name is an inode of
         # its own, as the kernel's ovl_hash_bylower() decides. One shared inode would copy
         # up whichever name it was last looked up as, and the kernel's cached dentries of
-        # the other names would see the copy's data.
+        # the other names would see the copy's data. Where node ids may differ from st_ino
+        # every name reports the lower file's number, as the kernel's do (tar, rsync -H
+        # and du tell hard links by it); under pyfuse3 a name's number is its node id.
         key = ("lower-link", key, parent.ino, name)
+        if sb.node_ids:
+            link_st_ino = res.st_ino
     elif res.upper is not None and not res.is_dir:
         copying = sb.copying_links.get((parent.ino, name))
         if copying is not None and sb.inodes.find(key) is None:
@@ -214,6 +219,8 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
                          is_opaque=res.is_opaque, parent=parent, name=name)
         if keep_st_ino and holder is not None:
             inode.st_ino = holder.st_ino
+        elif link_st_ino is not None:
+            inode.st_ino = link_st_ino
         created.append(inode)
         return inode
 

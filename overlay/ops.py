@@ -66,6 +66,7 @@ class OverlayFs(Filesystem):
         # The front-end set ``passthrough``: lower_passthrough needs it (and node ids
         # apart from st_ino, which only the native session has).
         self.sb.lower_passthrough = self.sb.params.lower_passthrough and self.passthrough
+        self.sb.node_ids = self.node_ids
         # Most inodes hold one fd (a merged directory one per layer it is in, but they are
         # few); a lookup that meets EMFILE anyway prunes and retries (native_ops).
         self.sb.inodes.enable_pruning(self.sb.notifier)

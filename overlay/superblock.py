@@ -85,6 +85,9 @@ class Superblock:
         #: Lower files of a writable mount served by kernel passthrough (file.py): the
         #: lower_passthrough option on a session that has passthrough (ops.init).
         self.lower_passthrough = False
+        #: The session takes node ids apart from st_ino (ops.init): then the names of a
+        #: lower hard link, separate inodes, all report its st_ino, as the kernel's do.
+        self.node_ids = False
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)
         root = OvlInode.make_root(layers)

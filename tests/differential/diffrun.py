@@ -9,8 +9,8 @@ Pairs:
 
 Both sides start from the same tree (built twice by the same code, owners and user xattrs
 included; for the overlay pair a merged directory spanning both lowers, an opaque directory
-and a whiteout in the upper; ``--lower-hardlink`` adds a hard-link pair in a lower layer,
-where known bugs remain, see build_layers). Paths are drawn from a four-name pool
+and a whiteout in the upper; ``--lower-hardlink`` adds a hard-link pair in a lower
+layer). Paths are drawn from a four-name pool
 (``a b c d``, up to three levels), mostly from what the reference currently holds, so
 ENOENT/EEXIST/ENOTEMPTY/ENOTDIR/EISDIR/EXDEV come up often. Operations: create, mkfifo,
 write at offsets (holes), append, truncate, read, mkdir, rmdir, unlink, rename (plain,
@@ -30,8 +30,9 @@ overlayfs is also mounted read-only over *our* layers (our upper as the top lowe
 show the reference's tree: what we left on disk means the same to the kernel.
 
 What is never compared, and why (legitimate differences, not bugs):
-- st_ino / st_dev: ours are FUSE node ids on the FUSE device; the kernel overlay reports
-  real inode numbers of the layer (xino off). Stability of ours is tested in tests/overlay.
+- st_ino / st_dev values: ours are FUSE node ids on the FUSE device; the kernel overlay
+  reports real inode numbers of the layer (xino off). Stability of ours is tested in
+  tests/overlay. Which names share one st_ino (hard links) is compared with the trees.
 - directory st_size (ext4 sizes depend on each directory's block history) and, for the
   overlay pair, directory nlink (kernel overlayfs reports 1 for merged directories and the
   upper's count otherwise, from a different layer history than ours).
@@ -146,9 +147,8 @@ def build_layers(lower1: Path, lower2: Path, upper: Path, rng: random.Random,
     """The overlay pair's layers (built twice from equal generators): lower2 at the bottom
     holds most of the tree, lower1 adds to the merged directory ``a`` and a symlink, the
     upper holds an opaque ``d`` and a whiteout over ``a/c/d``. ``a/d`` is a copy of ``b``,
-    or with ``lower_hardlink`` a hard link to it: off by default because our overlay still
-    differs there (copy-up of a lower hard link: stale nlink, and a link made afterwards is
-    a second inode; the strict xfails in tests/overlay/test_ovl_lower_hardlinks.py)."""
+    or with ``lower_hardlink`` a hard link to it (tests/overlay/test_ovl_lower_hardlinks.py
+    has the cases this found; CI runs one seed of it)."""
     (lower2 / "a" / "c").mkdir(parents=True)
     (lower2 / "d").mkdir()
     write_file(lower2 / "a" / "b", rng.randbytes(5000), xattrs={"user.k": b"v1"})
@@ -453,6 +453,21 @@ def walk(root: Path) -> list[str]:
         for n in dirnames + filenames:
             out.append(n if rel == "." else f"{rel}/{n}")
     return sorted(out)
+
+
+def link_groups(root: Path, rels: list[str]) -> list[list[str]]:
+    """The non-directories of ``rels`` that report one st_ino, in groups of two or more:
+    the numbers differ between the sides, which names share one must not (tar, rsync -H
+    and du tell hard links so)."""
+    by_ino: dict[int, list[str]] = {}
+    for rel in rels:
+        try:
+            st = os.lstat(root / rel)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            by_ino.setdefault(st.st_ino, []).append(rel)
+    return sorted(sorted(g) for g in by_ino.values() if len(g) > 1)
 
 
 def short(v: Any, limit: int = 160) -> str:
@@ -793,6 +808,10 @@ class Runner:
             raise self.fail(i, None, f"  {why}: trees differ: only in target {only_t}, "
                                      f"only in ref {only_r}")
         self.compare_paths(i, None, ["", *wt], why, t_root)
+        lt, lr = link_groups(t_root, wt), link_groups(self.pair.ref.root, wr)
+        if lt != lr:
+            raise self.fail(i, None, f"  {why}: hard links differ (names of one st_ino): "
+                                     f"target {lt}, ref {lr}")
 
     def compare_layers(self, i: int) -> None:
         """What our layers mean to the kernel: kernel overlayfs mounted read-only over our
@@ -918,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opts", default="", help="extra -o options for our daemon "
                     "(passthru: writeback,cache=always; overlay: writeback=1,...)")
     ap.add_argument("--lower-hardlink", action="store_true",
-                    help="overlay: make a/d a hard link to b in the lower layer (known bugs)")
+                    help="overlay: make a/d a hard link to b in the lower layer")
     ap.add_argument("--keep", action="store_true", help="keep the trees after a clean run")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000

@@ -44,12 +44,14 @@ def remount_every(request: pytest.FixtureRequest) -> int:
     return REMOUNT_EVERY if value is None else value
 
 
-def run_or_fail(pair: str, seed: int, ops: int, remount_every: int) -> None:
+def run_or_fail(pair: str, seed: int, ops: int, remount_every: int,
+                lower_hardlink: bool = False) -> None:
     why = diffrun.unavailable(pair)
     if why:
         pytest.skip(f"{pair}: {why}")
     try:
-        diffrun.run_pair(pair, seed, ops, remount_every=remount_every)
+        diffrun.run_pair(pair, seed, ops, remount_every=remount_every,
+                         lower_hardlink=lower_hardlink)
     except diffrun.Mismatch as m:
         report = m.report
     else:
@@ -61,6 +63,12 @@ def run_or_fail(pair: str, seed: int, ops: int, remount_every: int) -> None:
 @pytest.mark.parametrize("pair", ["passthru", "overlay"])
 def test_same_as_reference(pair: str, seed: int, ops: int, remount_every: int) -> None:
     run_or_fail(pair, seed, ops, remount_every)
+
+
+@pytest.mark.timeout(240)
+def test_overlay_with_a_lower_hard_link_same_as_kernel(ops: int, remount_every: int) -> None:
+    # One seed: the names of a lower hard link, copied up or not, renamed, linked again.
+    run_or_fail("overlay", 404, ops, remount_every, lower_hardlink=True)
 
 
 @pytest.mark.timeout(60)

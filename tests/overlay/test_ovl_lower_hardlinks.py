@@ -11,9 +11,11 @@ timeout (the kernel keeps every dentry), unlike test_ovl_ino.py's timeout=0 case
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from ovl_layers import OvlLayers
+from test_ovl_kernel import KernelMount, needs_kernel
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -84,13 +86,15 @@ def test_copy_up_of_a_lower_hardlink_shows_nlink_1(ovl: OvlLayers) -> None:
     assert os.lstat(mnt / "x").st_nlink == 1            # what kernel overlayfs reports
 
 
-def test_copied_up_lower_hardlink_keeps_its_inode_until_remount(ovl: OvlLayers) -> None:
-    """The copied name keeps its kernel inode (st_ino included) while the mount holds it;
-    the other name stays the lower file; after a remount the copy has the upper file's
-    own number, distinct from the other name's, and keeps it across remounts."""
+def test_copied_up_lower_hardlink_keeps_its_inode_until_remount_on_pyfuse3(
+        ovl: OvlLayers) -> None:
+    """pyfuse3 sends st_ino as the node id, so each name's number is its inode's: the copied
+    name keeps its number while the mount holds it, the other name stays the lower file;
+    after a remount the copy has the upper file's own number, distinct from the other
+    name's, and keeps it across remounts."""
     (ovl.lower1 / "x").write_text("data")
     os.link(ovl.lower1 / "x", ovl.lower1 / "y")
-    mnt = ovl.mount()
+    mnt = ovl.mount("session=pyfuse3")
     before = os.lstat(mnt / "x").st_ino
     with open(mnt / "x", "a") as f:
         f.write("+")
@@ -103,3 +107,65 @@ def test_copied_up_lower_hardlink_keeps_its_inode_until_remount(ovl: OvlLayers) 
     assert (mnt / "x").read_text() == "data+"
     mnt = ovl.remount()
     assert os.lstat(mnt / "x").st_ino == x.st_ino
+
+
+def _hardlink_story(mnt: Path, lower: Path, upper: Path) -> list[tuple[str, object]]:
+    """st_ino and d_ino of three names of one lower file (two in ``d``, one in the root)
+    before and after a write through one of them, as relations that hold on any disk."""
+    d = mnt / "d"
+
+    def ino(path: Path) -> int:
+        return os.lstat(path).st_ino
+
+    def d_inos() -> dict[str, int]:
+        return {e.name: e.inode() for e in os.scandir(d)}
+
+    low = ino(lower / "d" / "a")
+    out: list[tuple[str, object]] = [
+        ("every name reports the lower st_ino",
+         [ino(d / "a") == low, ino(d / "b") == low, ino(mnt / "c") == low]),
+        ("d_ino too", [v == low for _, v in sorted(d_inos().items())]),
+        ("nlink", [os.lstat(p).st_nlink for p in (d / "a", d / "b", mnt / "c")]),
+    ]
+    with open(d / "a", "a") as f:
+        f.write("+")
+    up = ino(upper / "d" / "a")
+    out += [
+        ("the written name reports its upper file's st_ino", ino(d / "a") == up != low),
+        ("the others keep the lower's", [ino(d / "b") == low, ino(mnt / "c") == low]),
+        ("d_ino follows", d_inos() == {"a": up, "b": low}),
+        ("nlink after", [os.lstat(p).st_nlink for p in (d / "a", d / "b", mnt / "c")]),
+        ("data", [(d / "a").read_text(), (d / "b").read_text(), (mnt / "c").read_text()]),
+    ]
+    return out
+
+
+def _hardlink_layers(lower: Path) -> None:
+    (lower / "d").mkdir()
+    (lower / "d" / "a").write_text("x")
+    os.link(lower / "d" / "a", lower / "d" / "b")
+    os.link(lower / "d" / "a", lower / "c")
+
+
+@needs_kernel
+def test_names_of_a_lower_hardlink_share_its_st_ino_as_in_the_kernel(
+        ovl: OvlLayers, tmp_path: Path) -> None:
+    """Tools tell hard links by (st_dev, st_ino) and nlink (tar, rsync -H, du): each name
+    of a lower hard link is an inode of its own (copy-up breaks the link), but all report
+    the lower file's number until their copy-up, as in the kernel's overlayfs. Before the
+    native session could give node ids apart from st_ino, the second name looked up got a
+    number of its own (1 << 62 and up) while reporting nlink 2."""
+    _hardlink_layers(ovl.lower1)
+    mnt = ovl.mount()
+    ours = _hardlink_story(mnt, ovl.lower1, ovl.upper)
+    (tmp_path / "kernel").mkdir()
+    kl = OvlLayers(tmp_path / "kernel")
+    _hardlink_layers(kl.lower1)
+    with KernelMount(kl) as kmnt:
+        theirs = _hardlink_story(kmnt, kl.lower1, kl.upper)
+    assert ours == theirs
+    assert all(v not in (False, [False]) for _, v in ours), ours
+    up, low = os.lstat(ovl.upper / "d" / "a").st_ino, os.lstat(ovl.lower1 / "c").st_ino
+    mnt = ovl.remount()
+    assert [os.lstat(mnt / p).st_ino for p in ("d/a", "d/b", "c")] == [up, low, low]
+    assert {e.name: e.inode() for e in os.scandir(mnt / "d")} == {"a": up, "b": low}
