@@ -232,6 +232,18 @@ class InodeTable(Generic[InodeT]):
         with self._lock:
             return self._by_key.get(key)
 
+    def lookup_existing(self, key: Hashable) -> InodeT | None:
+        """``lookup`` of a key only if its live inode exists (None otherwise): one lookup
+        added, which the caller owns as with ``lookup``."""
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is None:
+                return None
+            if inode is not self.root:
+                self._lru.move_to_end(inode.ino)
+            inode.lookups += 1
+            return inode
+
     def lookup(self, key: Hashable, make: Callable[[int], InodeT],
                preferred_ino: int | None = None) -> InodeT:
         """Find or create the live inode for ``key`` and add one lookup, atomically.

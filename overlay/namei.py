@@ -107,6 +107,51 @@ def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
         raise
 
 
+def known_upper(sb: Superblock, parent: OvlInode,
+                name: bytes) -> tuple[OvlInode, os.stat_result] | None:
+    """The inode ``name`` names, with one new lookup, and the upper object's stat, when
+    that object is on the upper layer and already has an inode keyed by its own st_ino;
+    else None: ``resolve`` it. Blocking.
+
+    The common case of every repeated lookup (a listing of a directory made through the
+    mount, an entry revalidated): one fstatat and one fstat instead of an O_PATH open, an
+    origin xattr read and, for a directory, its opacity (an xattr and two ``.wh.`` names).
+    Those decide the key, which the table already holds: an upper object keyed by its own
+    number has no origin record (an origin would be its key), and a directory keyed so has
+    no lower directory (a merged one is keyed by its top lower's number); its opacity and
+    lowers were found when its inode was made, and only this mount changes them since.
+    Whiteouts are never inodes, and a name whose object differs from the inode's (replaced
+    behind the mount) takes the long way."""
+    upper_layer = sb.layers.upper
+    if parent.upper is None or upper_layer is None or wo.is_aufs_name(name):
+        return None
+    check_name(name)
+    st = wo.lstat_at(parent.upper, name)
+    if st is None:
+        return None
+    st_ino = sb.layers.st_ino(upper_layer, st.st_ino)
+    if st_ino is None:
+        return None
+    inode = sb.inodes.lookup_existing(st_ino)
+    if inode is None:
+        return None
+    try:
+        fd = inode.upper
+        same = fd is not None and not inode.is_stale
+        if same:
+            ust = os.fstat(fd)  # type: ignore[arg-type]
+            same = (ust.st_ino, ust.st_dev) == (st.st_ino, st.st_dev)
+    except BaseException:
+        sb.inodes.forget(inode.ino, 1)
+        raise
+    if not same:
+        sb.inodes.forget(inode.ino, 1)
+        return None
+    if inode.parent is not parent or inode.name != name:
+        inode.set_parent(parent, name)
+    return inode, st
+
+
 def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> None:
     bottom = len(parent.lowers) - 1
     for i, lower in enumerate(parent.lowers):

@@ -28,7 +28,7 @@ from . import file as ovl_file
 from . import inode as ovl_inode
 from . import readdir as ovl_readdir
 from .entry import OvlInode
-from .namei import adopt, resolve
+from .namei import adopt, known_upper, resolve
 from .superblock import Superblock
 
 
@@ -88,6 +88,14 @@ class OverlayFs(Filesystem):
     async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
         sb = self.sb
         dir_inode = self._dir(parent)
+        known = known_upper(sb, dir_inode, name)
+        if known is not None:
+            inode, st = known
+            try:
+                return ovl_inode.make_entry(sb, inode, st)
+            except BaseException:
+                sb.inodes.forget(inode.ino, 1)
+                raise
         res = resolve(sb, dir_inode, name)
         if not res.exists:
             res.close()

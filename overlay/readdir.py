@@ -155,7 +155,7 @@ async def readdir_inode(sb: Superblock, inode: OvlInode, off: int,
 async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int], off: int,
                         reply: ReaddirReply) -> None:
     """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2)."""
-    from .namei import adopt, resolve
+    from .namei import adopt, known_upper, resolve
 
     def dot_entry(name: bytes) -> Entry:
         target = inode if name == b"." else (inode.parent or inode)
@@ -167,11 +167,15 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
         return
 
     def make(name: bytes, d_type: int) -> DirEntry:
-        res = resolve(sb, inode, name)
-        if not res.exists:
-            raise OSError(errno.ENOENT, "vanished", name)
-        st = res.st
-        child = adopt(sb, inode, name, res)
+        known = known_upper(sb, inode, name)
+        if known is not None:
+            child, st = known
+        else:
+            res = resolve(sb, inode, name)
+            if not res.exists:
+                raise OSError(errno.ENOENT, "vanished", name)
+            st = res.st
+            child = adopt(sb, inode, name, res)
         try:
             entry = make_entry(sb, child, st)
         except BaseException:

@@ -55,6 +55,17 @@ def test_lookup_creates_once_and_counts() -> None:
     assert len(table) == 2
 
 
+def test_lookup_existing_counts_only_a_live_inode() -> None:
+    table = make_table()
+    assert table.lookup_existing("a") is None and len(table) == 1
+    a = table.lookup("a", maker("a"), preferred_ino=100)
+    assert table.lookup_existing("a") is a and a.lookups == 2
+    table.mark_stale(a)
+    assert table.lookup_existing("a") is None and a.lookups == 2
+    table.forget(100, 2)
+    assert a.evictions == 1 and table.lookup_existing("a") is None
+
+
 def test_preferred_ino_taken_or_root_falls_back_to_reserved_range() -> None:
     table = make_table()
     a = table.lookup("a", maker("a"), preferred_ino=100)
