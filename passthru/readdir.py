@@ -56,7 +56,7 @@ from backingfs.dirents import (
 from backingfs.fsapi import Caller, DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
 
-from .inode import PassthruInode, install, lookup_fd, make_entry
+from .inode import PassthruInode, install, lookup_fd, make_entry, take_known
 
 if TYPE_CHECKING:
     from .superblock import PassthruFs
@@ -76,8 +76,10 @@ _INLINE_DIR_BYTES = 16384
 _INLINE_BATCH = 64
 
 #: One entry prepared in a worker: (O_PATH fd, stat) or the OSError it gave. Fd -1: the
-#: daemon is out of file descriptors, the stat is of the name (``_without_fd``).
+#: daemon is out of file descriptors, the stat is of the name (``_without_fd``). Fd KNOWN:
+#: the table had an inode for the object when it was stat'ed, no fd was opened.
 _Prepared = tuple[int, os.stat_result] | OSError
+KNOWN = -2
 
 #: Out of file descriptors (the process's, or the system's).
 _NO_FDS = (errno.EMFILE, errno.ENFILE)
@@ -102,10 +104,20 @@ async def opendir(fs: PassthruFs, ino: int, caller: Caller) -> int:
     return fs.handles.add(DirHandle(inode))
 
 
-def _prepare(dir_fd: int, names: list[bytes]) -> list[_Prepared]:
-    """Worker: O_PATH open and fstat each name (never raises)."""
+def _prepare(fs: PassthruFs, dir_fd: int, names: list[bytes]) -> list[_Prepared]:
+    """Worker: stat each name, and O_PATH open the ones the table has no inode for
+    (never raises; the others get fd KNOWN, see inode.take_known)."""
     out: list[_Prepared] = []
+    find = fs.inodes.find
     for name in names:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            out.append(e)
+            continue
+        if find((st.st_dev, st.st_ino)) is not None:
+            out.append((KNOWN, st))
+            continue
         try:
             fd = syscalls.open_path(dir_fd, name)
         except OSError as e:
@@ -152,6 +164,10 @@ def _dot_entry(fs: PassthruFs, inode: PassthruInode, name: bytes) -> Entry | Dir
         st = os.fstat(inode.fd)
         fs.inodes.ref(inode.ino)
         return make_entry(fs, inode, st)
+    st = os.stat(name, dir_fd=inode.fd, follow_symlinks=False)
+    known = take_known(fs, st)
+    if known is not None:
+        return make_entry(fs, known, st)
     try:
         fd, st = lookup_fd(fs, inode, name)
     except OSError as e:
@@ -161,10 +177,24 @@ def _dot_entry(fs: PassthruFs, inode: PassthruInode, name: bytes) -> Entry | Dir
     return make_entry(fs, install(fs, fd, st), st)
 
 
-def _made_entry(fs: PassthruFs, name: bytes, p: tuple[int, os.stat_result],
-                next_off: int) -> DirEntry:
-    """The DirEntry of a prepared name: its inode (taking over the fd), with a reference."""
+def _made_entry(fs: PassthruFs, parent: PassthruInode, name: bytes,
+                p: tuple[int, os.stat_result], next_off: int) -> DirEntry | None:
+    """The DirEntry of a prepared name: its inode (taking over the fd), with a reference;
+    None if the name is gone."""
     fd, st = p
+    if fd == KNOWN:
+        known = take_known(fs, st)
+        if known is not None:
+            return DirEntry(name, make_entry(fs, known, st), next_off)
+        # Forgotten since (or a recycled number): the name is opened after all.
+        try:
+            fd, st = lookup_fd(fs, parent, name)
+        except FileNotFoundError:
+            return None  # removed since: listed as the ones gone before the stat
+        except OSError as e:
+            if e.errno not in _NO_FDS:
+                raise
+            fd = -1
     made = _without_fd(fs, name, st) if fd < 0 else make_entry(fs, install(fs, fd, st), st)
     return (made._replace(next_off=next_off) if isinstance(made, DirEntry)
             else DirEntry(name, made, next_off))
@@ -198,9 +228,9 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
             break
         names = [item.name for item in batch]
         if len(names) <= _INLINE_BATCH:
-            prepared = _prepare(inode.fd, names)
+            prepared = _prepare(fs, inode.fd, names)
         else:
-            prepared = await trio.to_thread.run_sync(_prepare, inode.fd, names)
+            prepared = await trio.to_thread.run_sync(_prepare, fs, inode.fd, names)
         for i, (item, p) in enumerate(zip(batch, prepared, strict=True)):
             if isinstance(p, OSError):
                 if p.errno == errno.ENOENT:
@@ -210,10 +240,12 @@ async def readdir(fs: PassthruFs, fh: int, off: int, reply: ReaddirReply) -> Non
                     raise p
                 return  # an errno now would lose the references already delivered
             try:
-                d = _made_entry(fs, item.name, p, item.next_off + DOT_ENTRIES)
+                d = _made_entry(fs, inode, item.name, p, item.next_off + DOT_ENTRIES)
             except BaseException:
                 _close_prepared(prepared[i + 1:])
                 raise
+            if d is None:
+                continue
             handle.is_delivered = True
             if not reply(d):
                 # The kernel's buffer is full; the bridge gives back this reference.
@@ -263,9 +295,9 @@ async def _fill_from(fs: PassthruFs, inode: PassthruInode, dfd: int, off: int,
             return
         names = [e.name for e in batch if e.name not in DOTS]
         if len(names) <= _INLINE_BATCH:
-            prepared = _prepare(inode.fd, names)
+            prepared = _prepare(fs, inode.fd, names)
         else:
-            prepared = await trio.to_thread.run_sync(_prepare, inode.fd, names)
+            prepared = await trio.to_thread.run_sync(_prepare, fs, inode.fd, names)
         k = 0
         for e in batch:
             if e.name in DOTS:
@@ -283,10 +315,12 @@ async def _fill_from(fs: PassthruFs, inode: PassthruInode, dfd: int, off: int,
                         raise p
                     return  # an errno now would lose the references already delivered
                 try:
-                    d = _made_entry(fs, e.name, p, e.next_off)
+                    d = _made_entry(fs, inode, e.name, p, e.next_off)
                 except BaseException:
                     _close_prepared(prepared[k:])
                     raise
+                if d is None:
+                    continue
             if not reply(d):
                 _close_prepared(prepared[k:])  # the bridge gives back this one's reference
                 return

@@ -107,6 +107,39 @@ def test_drop_caches_shrinks_the_inode_table(passthru_mount: StartPassthru) -> N
     assert stats["lookups"] == 1 and stats["stale"] == 0 and stats["handles"] == 0
 
 
+def test_known_objects_keep_one_inode_through_lookups_and_listings(
+        passthru_mount: StartPassthru) -> None:
+    """A name whose object already has an inode (inode.take_known: no open of its own)
+    gives that inode, renamed or linked behind the mount too, with exact lookup counts; a
+    new object at the name gets a new one."""
+    p = passthru_mount("cache=never")
+    d, md = p.source / "d", p.mnt / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"x")
+    ino = (md / "f").stat().st_ino
+    for _ in range(3):
+        assert [(e.name, e.inode()) for e in os.scandir(md)] == [("f", ino)]
+        assert (md / "f").stat().st_ino == ino
+    os.rename(d / "f", d / "g")
+    os.link(d / "g", d / "h")
+    assert sorted((e.name, e.inode()) for e in os.scandir(md)) == [("g", ino), ("h", ino)]
+    assert (md / "h").stat().st_nlink == 2 and (md / "h").read_bytes() == b"x"
+    (d / "g").unlink()
+    (d / "h").unlink()
+    (d / "g").write_bytes(b"new")
+    assert (md / "g").stat().st_ino == (d / "g").stat().st_ino
+    assert (md / "g").read_bytes() == b"new"
+    assert [e.name for e in os.scandir(md)] == ["g"]
+
+    def shrunk() -> bool:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+        return p.statistics()["inodes"] == 1
+
+    _poll(shrunk, "the inode table to shrink back to the root after drop_caches")
+    assert p.statistics()["lookups"] == 1
+
+
 def test_symlinks_out_of_source_are_never_followed_by_the_daemon(
         passthru_mount: StartPassthru, tmp_path: Path) -> None:
     p = passthru_mount("cache=never")
