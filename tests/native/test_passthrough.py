@@ -370,6 +370,48 @@ def test_lower_passthrough_readers_opening_during_a_copy_up(lower_pt: FuseTarget
 
 
 @needs_passthrough
+def test_lower_passthrough_o_trunc_open_under_readers(lower_pt: FuseTargetMount) -> None:
+    # An O_TRUNC open while lower passthrough readers last copies the whole file up (the
+    # retried open truncates): a reader from before keeps the lower data, never zeroes or
+    # a short file, whatever readers open meanwhile; the lower file is never touched.
+    mnt = lower_pt.root
+    upper, lower = mnt.parent / "upper", mnt.parent / "lower"
+    big = _payload(64 * MiB, seed=6)
+    (lower / "big").write_bytes(big)
+    first = open(mnt / "big", "rb", buffering=0)  # noqa: SIM115 - closed below
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with open(mnt / "big", "wb", buffering=0) as w:
+                w.write(b"W")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    readers = [first]
+    try:
+        t.start()
+        while t.is_alive() and len(readers) < 500:
+            readers.append(open(mnt / "big", "rb", buffering=0))  # noqa: SIM115
+            time.sleep(0.0005)
+        t.join(60)
+        assert not errors, errors
+        assert os.pread(first.fileno(), 2, 0) == big[:2]
+        assert os.pread(first.fileno(), 2, len(big) - 2) == big[-2:]
+        for r in readers[1:]:
+            assert os.pread(r.fileno(), 2, 0) in (big[:2], b"", b"W")
+    finally:
+        for r in readers:
+            r.close()
+    assert (mnt / "big").read_bytes() == b"W"
+    assert (upper / "big").read_bytes() == b"W"
+    assert (lower / "big").read_bytes() == big
+    pt = _pt(lower_pt)
+    assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"]
+
+
+@needs_passthrough
 def test_read_only_overlay_serves_lower_files_by_passthrough(tmp_path: Path) -> None:
     lower, mnt = tmp_path / "lower", tmp_path / "mnt"
     lower.mkdir()
