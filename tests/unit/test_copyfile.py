@@ -43,6 +43,17 @@ def _force_read_write(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(copyfile, "_try_clone", no_clone)
     monkeypatch.setattr(copyfile.os, "copy_file_range", no_cfr)
+    monkeypatch.setattr(copyfile.os, "sendfile", no_cfr)
+
+
+def _force_sendfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a copy between filesystems of different types meets: no clone, EXDEV from
+    copy_file_range."""
+    def no_cfr(*args: object) -> int:
+        raise OSError(errno.EXDEV, "forced fallback")
+
+    monkeypatch.setattr(copyfile, "_try_clone", lambda s, d: False)
+    monkeypatch.setattr(copyfile.os, "copy_file_range", no_cfr)
 
 
 def _make_sparse(path: Path) -> dict[int, bytes]:
@@ -115,11 +126,11 @@ def test_random_3mib_file(fds, monkeypatch: pytest.MonkeyPatch, forced_rw: bool)
     assert dst.read_bytes() == data
     assert stats.bytes_copied == len(data)
     assert stats.method == ("read_write" if forced_rw else stats.method)
-    assert stats.method in ("clone", "copy_file_range", "read_write")
+    assert stats.method in ("clone", "copy_file_range", "sendfile", "read_write")
 
 
 def test_fallback_midway_keeps_copied_part(fds, monkeypatch: pytest.MonkeyPatch) -> None:
-    """copy_file_range failing after its first chunk: the rest comes by pread/pwrite."""
+    """copy_file_range failing after its first chunk: the rest comes by sendfile."""
     src, dst, opened = fds
     data = os.urandom(3 << 20)
     src.write_bytes(data)
@@ -137,9 +148,36 @@ def test_fallback_midway_keeps_copied_part(fds, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(copyfile.os, "copy_file_range", flaky_cfr)
     s, d = _open_pair(src, dst, opened)
     stats = copy_data(s, d)
-    assert stats.method == "read_write"
+    assert stats.method == "sendfile"
     assert stats.bytes_copied == len(data)
     assert dst.read_bytes() == data
+
+
+@pytest.mark.parametrize("fails_after", [0, 1])
+def test_sendfile_fallback_keeps_holes_and_falls_back_itself(
+        fds, monkeypatch: pytest.MonkeyPatch, fails_after: int) -> None:
+    """Between filesystems that refuse copy_file_range, sendfile copies each data extent
+    at its own offset (holes stay holes); refused in turn, pread/pwrite finish the job."""
+    src, dst, opened = fds
+    chunks = _make_sparse(src)
+    _force_sendfile(monkeypatch)
+    real_sendfile = os.sendfile
+    calls = 0
+
+    def sendfile(*args: int) -> int:
+        nonlocal calls
+        calls += 1
+        if fails_after and calls > fails_after:
+            raise OSError(errno.EINVAL, "forced fallback")
+        return real_sendfile(*args)
+
+    monkeypatch.setattr(copyfile.os, "sendfile", sendfile)
+    s, d = _open_pair(src, dst, opened)
+    stats = copy_data(s, d)
+    assert stats.method == ("read_write" if fails_after else "sendfile")
+    assert stats.extents == 3
+    assert sum(len(c) for c in chunks.values()) <= stats.bytes_copied < 1 << 20
+    _check_sparse_copy(src, dst, chunks)
 
 
 def test_other_errors_propagate(fds, monkeypatch: pytest.MonkeyPatch) -> None:
