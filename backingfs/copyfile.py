@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .syscalls import start_writeback
@@ -163,19 +164,8 @@ def _try_clone(src_fd: int, dst_fd: int) -> bool:
 def _copy_range_kernel(src_fd: int, dst_fd: int, pos: int, end: int,
                        writeback: bool) -> tuple[int, bool]:
     """copy_file_range over ``[pos, end)``; returns (position reached, still usable)."""
-    while pos < end:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, min(CHUNK, end - pos), pos, pos)
-        except OSError as e:
-            if e.errno in FALLBACK_ERRNOS:
-                return pos, False
-            raise
-        if n == 0:  # source truncated under us: nothing more to copy
-            return pos, True
-        if writeback:
-            _start_writeback(dst_fd, pos, n)
-        pos += n
-    return pos, True
+    return _copy_in_kernel(lambda p, n: os.copy_file_range(src_fd, dst_fd, n, p, p),
+                           dst_fd, pos, end, writeback)
 
 
 def _copy_range_sendfile(src_fd: int, dst_fd: int, pos: int, end: int,
@@ -188,9 +178,17 @@ def _copy_range_sendfile(src_fd: int, dst_fd: int, pos: int, end: int,
         if e.errno in FALLBACK_ERRNOS | {errno.ESPIPE}:
             return pos, False
         raise
+    return _copy_in_kernel(lambda p, n: os.sendfile(dst_fd, src_fd, p, n),
+                           dst_fd, pos, end, writeback)
+
+
+def _copy_in_kernel(copy: Callable[[int, int], int], dst_fd: int, pos: int, end: int,
+                    writeback: bool) -> tuple[int, bool]:
+    """``copy(pos, n)`` chunk by chunk over ``[pos, end)``: (position reached, whether
+    the method still works; False on a FALLBACK_ERRNOS refusal)."""
     while pos < end:
         try:
-            n = os.sendfile(dst_fd, src_fd, pos, min(CHUNK, end - pos))
+            n = copy(pos, min(CHUNK, end - pos))
         except OSError as e:
             if e.errno in FALLBACK_ERRNOS:
                 return pos, False
