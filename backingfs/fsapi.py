@@ -292,6 +292,12 @@ class Filesystem:
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         raise _enosys()
 
+    async def setxattr_prepare(self, ino: int, name: bytes, caller: Caller) -> None:
+        """Before a SETXATTR's XATTR_CREATE/XATTR_REPLACE check (``getxattr``), which the
+        front-end makes since ``setxattr`` takes no flags: what the filesystem does for a
+        setxattr even when that check fails (overlay: the copy-up, as the kernel's
+        ``ovl_xattr_set`` copies up before the upper filesystem checks the flags)."""
+
     async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
         raise _enosys()
 

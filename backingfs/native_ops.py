@@ -629,6 +629,7 @@ async def setxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
     caller = _caller(ids)
     if flags & (XATTR_CREATE | XATTR_REPLACE):
         # fsapi has no flags (pyfuse3 has none either): check first, as pyfuse3 does.
+        await s.fs.setxattr_prepare(nodeid, name, caller)
         try:
             await s.fs.getxattr(nodeid, name, caller)
             exists = True

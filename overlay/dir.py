@@ -204,6 +204,9 @@ def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid:
 
 async def mknod(sb: Superblock, parent: OvlInode, name: bytes, mode: int, rdev: int,
                 caller: Caller) -> Entry:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        # A whiteout, which would hide the name: the kernel's ovl_mknod refuses it too.
+        raise OSError(errno.EPERM, "a character device 0/0 is a whiteout", name)
     kind = KIND_REG if stat.S_ISREG(mode) else KIND_NODE
     inode = await _make(sb, parent, name, caller, kind, mode, rdev)
     return _entry(sb, inode)

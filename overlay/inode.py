@@ -146,6 +146,15 @@ async def listxattr(sb: Superblock, inode: OvlInode) -> list[bytes]:
     return names
 
 
+async def setxattr_prepare(sb: Superblock, inode: OvlInode, name: bytes) -> None:
+    """A setxattr copies up before the upper filesystem sees its flags, so one that fails
+    XATTR_CREATE/XATTR_REPLACE has copied up too (kernel ``ovl_xattr_set``): a lower hard
+    link is broken and shows nlink 1 as there."""
+    check_writable(sb)
+    _check_client_name(sb, name, errno.EPERM)
+    await copy_up(sb, inode)
+
+
 async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -> None:
     check_writable(sb)
     _check_client_name(sb, name, errno.EPERM)

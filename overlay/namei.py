@@ -120,14 +120,17 @@ def known_upper(sb: Superblock, parent: OvlInode,
     number has no origin record (an origin would be its key), and a directory keyed so has
     no lower directory (a merged one is keyed by its top lower's number); its opacity and
     lowers were found when its inode was made, and only this mount changes them since.
-    Whiteouts are never inodes, and a name whose object differs from the inode's (replaced
-    behind the mount) takes the long way."""
+    A whiteout (an xattr whiteout can be a hard link of a file that has an inode) and a
+    name whose object differs from the inode's (replaced behind the mount) take the long
+    way."""
     upper_layer = sb.layers.upper
     if parent.upper is None or upper_layer is None or wo.is_aufs_name(name):
         return None
     check_name(name)
     st = wo.lstat_at(parent.upper, name)
-    if st is None:
+    if st is None or wo.is_whiteout(parent.upper, name, st, sb.prefix,
+                                    parent.upper_xwhiteouts):
+        # An xattr whiteout may be a hard link of a file with an inode (found in review).
         return None
     st_ino = sb.layers.st_ino(upper_layer, st.st_ino)
     if st_ino is None:

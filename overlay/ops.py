@@ -214,6 +214,9 @@ class OverlayFs(Filesystem):
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         await ovl_inode.setxattr(self.sb, self._inode(ino), name, value)
 
+    async def setxattr_prepare(self, ino: int, name: bytes, caller: Caller) -> None:
+        await ovl_inode.setxattr_prepare(self.sb, self._inode(ino), name)
+
     async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
         return await ovl_inode.getxattr(self.sb, self._inode(ino), name)
 

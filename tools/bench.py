@@ -410,7 +410,8 @@ class Target:
 
         ``fresh``: a new filesystem (ScratchFs) for what the run writes: the plain directory
         and the passthru source are there (write workloads read no prepared data), the
-        overlays' upper and work dirs too, over the same lower layer ``data``."""
+        overlays' upper and work dirs too, over a lower layer ``data`` the caller made
+        there (``Workload.lower_data``)."""
         scratch.mkdir(parents=True, exist_ok=True)
         mnt = scratch / "mnt"
         layers = ""
@@ -667,6 +668,10 @@ class Workload:
     families: tuple[str, ...] = (DIR_FAMILY, OVERLAY_FAMILY)
     writes = True  # False: runs on the read-only targets too
     metrics: tuple[Metric, ...] = ()
+    #: Subtrees of the data an overlay run on a new filesystem (ScratchFs) needs in its
+    #: lower layer: copied there, so that all layers share one filesystem as usual (a
+    #: copy-up across filesystems can use neither copy_file_range nor a reflink).
+    lower_data: tuple[str, ...] = ()
 
     def describe(self, cfg: Config) -> str:
         return ""
@@ -858,6 +863,7 @@ class Tree(Workload):
 class CopyUp(Workload):
     name = "copyup"
     families = (OVERLAY_FAMILY,)
+    lower_data = ("copyup",)
     metrics = (Metric("append 1 B", "files/s", True), Metric("first write big", "s", False))
 
     def describe(self, cfg: Config) -> str:
@@ -1005,7 +1011,13 @@ def run_benchmark(targets: list[Target], workloads: list[Workload], cfg: Config,
                                 NOTES.add("write workloads ran on --dir's filesystem (a new "
                                           f"one per run failed: {str(e).strip()[-200:]})")
                                 cfg.fresh_fs = 0
-                        d = stack.enter_context(t.mounted(data, scratch, fresh))
+                        run_data = data
+                        if fresh is not None and t.family == OVERLAY_FAMILY:
+                            run_data = fresh / "lower"
+                            run_data.mkdir()
+                            for sub in w.lower_data:
+                                shutil.copytree(data / sub, run_data / sub)
+                        d = stack.enter_context(t.mounted(run_data, scratch, fresh))
                         ext = stack.enter_context(external_drops())
                         got = w.run(d, cfg)
                 except Exception as e:  # noqa: BLE001 - one target failing must not stop the rest

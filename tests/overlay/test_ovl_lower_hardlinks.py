@@ -10,6 +10,7 @@ timeout (the kernel keeps every dentry), unlike test_ovl_ino.py's timeout=0 case
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -171,3 +172,41 @@ def test_names_of_a_lower_hardlink_share_its_st_ino_as_in_the_kernel(
     mnt = ovl.remount()
     assert [os.lstat(mnt / p).st_ino for p in ("d/a", "d/b", "c")] == [up, low, low]
     assert {e.name: e.inode() for e in os.scandir(mnt / "d")} == {"a": up, "b": low}
+
+
+def _failing_xattr_flags_story(mnt: Path, upper: Path) -> list[object]:
+    out: list[object] = []
+    for name, flag in (("a", os.XATTR_REPLACE), ("c", os.XATTR_CREATE)):
+        try:
+            os.setxattr(mnt / name, "user.k", b"v", flag)
+            out.append("ok")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+        out.append([os.lstat(mnt / n).st_nlink for n in ("a", "b", "c", "d")])
+    out.append(sorted(os.listdir(upper)))
+    return out
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("BACKINGFS_SESSION", "native") != "native",
+                    reason="pyfuse3 checks XATTR_CREATE/REPLACE itself, before any copy-up")
+def test_a_setxattr_failing_its_flags_copies_up_as_in_the_kernel(
+        ovl: OvlLayers, tmp_path: Path) -> None:
+    """The kernel copies up before the upper filesystem checks XATTR_CREATE/REPLACE, so a
+    failing one breaks a lower hard link too (found by diffrun --lower-hardlink, seed 11)."""
+    def layers(lower: Path) -> None:
+        (lower / "a").write_text("x")
+        os.link(lower / "a", lower / "b")
+        (lower / "c").write_text("y")
+        os.setxattr(lower / "c", "user.k", b"old")
+        os.link(lower / "c", lower / "d")
+
+    layers(ovl.lower1)
+    ours = _failing_xattr_flags_story(ovl.mount(), ovl.upper)
+    (tmp_path / "kernel").mkdir()
+    kl = OvlLayers(tmp_path / "kernel")
+    layers(kl.lower1)
+    with KernelMount(kl) as kmnt:
+        theirs = _failing_xattr_flags_story(kmnt, kl.upper)
+    assert ours == theirs
+    assert ours == ["ENODATA", [1, 2, 2, 2], "EEXIST", [1, 2, 1, 2], ["a", "c"]]

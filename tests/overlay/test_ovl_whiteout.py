@@ -79,6 +79,27 @@ def test_xattr_whiteout_in_opaque_x_dir(ovl: OvlLayers) -> None:
     assert not (mnt / "d" / "gone").exists()
 
 
+def test_upper_xattr_whiteout_linked_to_a_looked_up_file_stays_a_whiteout(
+        ovl: OvlLayers) -> None:
+    # Review of namei.known_upper: the whiteout's object has an inode (through its other
+    # name), which the short way of a repeated lookup must not hand out for the whiteout.
+    (ovl.lower1 / "D").mkdir()
+    (ovl.lower1 / "D" / "w").write_text("lower")
+    for d in ("D", "E"):
+        (ovl.upper / d).mkdir()
+    os.setxattr(ovl.upper / "D", "trusted.overlay.opaque", b"x")
+    (ovl.upper / "D" / "w").write_bytes(b"")
+    os.setxattr(ovl.upper / "D" / "w", "trusted.overlay.whiteout", b"y")
+    os.link(ovl.upper / "D" / "w", ovl.upper / "E" / "f")
+    mnt = ovl.mount()
+    ino = os.lstat(mnt / "E" / "f").st_ino
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            os.lstat(mnt / "D" / "w")
+        assert os.listdir(mnt / "D") == []
+    assert os.lstat(mnt / "E" / "f").st_ino == ino
+
+
 def test_userxattr_opaque(ovl: OvlLayers) -> None:
     (ovl.lower2 / "d").mkdir()
     (ovl.lower2 / "d" / "below").write_text("b")
@@ -282,6 +303,21 @@ def test_directory_opaque_by_a_whiteout_beside_it_stays_opaque_when_moved(
     assert os.listdir(mnt / "b") == ["upper_a"]
     assert os.listdir(mnt / "a") == ["upper_b"]
     assert sorted(os.listdir(mnt)) == ["a", "b", "e", "m", "z"]
+
+
+def test_mknod_of_a_whiteout_device_is_refused(ovl: OvlLayers) -> None:
+    # As the kernel's ovl_mknod: a char device 0/0 would be a whiteout, hiding the name.
+    (ovl.lower1 / "x").write_text("lower")
+    mnt = ovl.mount()
+    with pytest.raises(PermissionError):
+        os.mknod(mnt / "new", stat.S_IFCHR | 0o600, 0)
+    with pytest.raises(FileExistsError):  # the VFS answers before the filesystem is asked
+        os.mknod(mnt / "x", stat.S_IFCHR | 0o600, 0)
+    assert (mnt / "x").read_text() == "lower"
+    assert not (mnt / "new").exists()
+    assert sorted(os.listdir(ovl.upper)) == []
+    os.mknod(mnt / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    assert os.lstat(mnt / "dev").st_rdev == os.makedev(1, 3)
 
 
 def test_names_starting_with_wh_are_refused(ovl: OvlLayers) -> None:
