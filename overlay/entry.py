@@ -72,6 +72,10 @@ class OvlInode(Inode):
         self.lower_passthrough_opens = 0
         #: Marked stale by an open that could not share the lower backing file (file.py).
         self.detached_for_passthrough = False
+        #: The other kernel inode of the same file across such a detachment (the detached
+        #: one and its successor, namei.adopt): an attribute change through one must
+        #: reach the other's cached attributes (inode.tell_twin).
+        self.twin: OvlInode | None = None
         #: Merged listings being read without a handle, by generation (readdir.py)
         self.listings: dict[int, DirSnapshot[int]] | None = None
 
@@ -136,6 +140,9 @@ class OvlInode(Inode):
 
     def on_evict(self) -> None:
         self.listings = None
+        twin, self.twin = self.twin, None
+        if twin is not None and twin.twin is self:
+            twin.twin = None
         fds = [self.upper] if self.upper is not None else []
         fds += [lower.fd for lower in self.lowers]
         self.upper = None

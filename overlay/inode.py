@@ -102,7 +102,21 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
             changes = sb.owners.setattr_in(upper, changes, os.fstat(upper))
         st = await setattr_backing(upper, stat.S_IFMT(inode.mode), changes, truncate)
         inode.attrs.copyattr(st)
-        return make_entry(sb, inode, st)
+        entry = make_entry(sb, inode, st)
+    await tell_twin(sb, inode)
+    return entry
+
+
+async def tell_twin(sb: Superblock, inode: OvlInode) -> None:
+    """After an attribute change of ``inode``: the kernel's cached attributes of its twin
+    (the other kernel inode of the same upper file across a lower passthrough detachment,
+    file.py) are dropped, so fstat of an fd opened before the copy-up and stat of the
+    path agree on mode, owner, times and xattrs. Without it they never would, the
+    overlay's attribute timeout being unlimited by default."""
+    twin = inode.twin
+    if twin is not None and sb.notifier is not None and sb.inodes.peek(twin.ino) is twin:
+        twin.attrs.invalidate()
+        await sb.notifier.invalidate_inode(twin.ino, attr_only=True)
 
 
 async def readlink(sb: Superblock, inode: OvlInode) -> bytes:
@@ -166,6 +180,7 @@ async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -
         assert inode.upper is not None
         bxattrs.fsetxattr(inode.upper, backing, value)
         inode.attrs.invalidate()
+    await tell_twin(sb, inode)
 
 
 async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
@@ -179,6 +194,7 @@ async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
         assert inode.upper is not None
         bxattrs.fremovexattr(inode.upper, backing)
         inode.attrs.invalidate()
+    await tell_twin(sb, inode)
 
 
 async def statfs(sb: Superblock) -> Statfs:

@@ -267,6 +267,7 @@ def adopt(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> OvlIn
                          is_opaque=res.is_opaque, parent=parent, name=name)
         if keep_st_ino and holder is not None:
             inode.st_ino = holder.st_ino
+            inode.twin, holder.twin = holder, inode
         elif link_st_ino is not None:
             inode.st_ino = link_st_ino
         created.append(inode)

@@ -370,6 +370,33 @@ def test_lower_passthrough_readers_opening_during_a_copy_up(lower_pt: FuseTarget
 
 
 @needs_passthrough
+def test_lower_passthrough_twins_share_attribute_changes(lower_pt: FuseTargetMount) -> None:
+    # An fd opened before the copy-up and the path are two kernel inodes of one upper file
+    # (the detached one and its successor): a chmod, chown, utime or xattr change through
+    # either shows through the other at once (the overlay's attribute timeout is unlimited).
+    mnt = lower_pt.root
+    f = mnt / "a"
+    r = os.open(f, os.O_RDONLY)
+    try:
+        with open(f, "ab") as w:          # copies up and detaches the reader's inode
+            w.write(b"+")
+        assert os.fstat(r).st_ino == os.stat(f).st_ino
+        os.fchmod(r, 0o600)
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+        os.chmod(f, 0o640)
+        assert stat.S_IMODE(os.fstat(r).st_mode) == 0o640
+        os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+        assert os.fstat(r).st_mtime_ns == 2_000_000_000
+        os.chown(r, 1000, 1000)
+        assert (os.stat(f).st_uid, os.stat(f).st_gid) == (1000, 1000)
+        os.setxattr(f, "user.k", b"v")
+        assert os.getxattr(f"/proc/self/fd/{r}", "user.k") == b"v"
+        assert os.pread(r, 7, 0) == b"lower a"   # still the lower file's data
+    finally:
+        os.close(r)
+
+
+@needs_passthrough
 def test_lower_passthrough_o_trunc_open_under_readers(lower_pt: FuseTargetMount) -> None:
     # An O_TRUNC open while lower passthrough readers last copies the whole file up (the
     # retried open truncates): a reader from before keeps the lower data, never zeroes or
