@@ -121,13 +121,7 @@ def _prepare(fs: PassthruFs, dir_fd: int, names: list[bytes]) -> list[_Prepared]
         try:
             fd = syscalls.open_path(dir_fd, name)
         except OSError as e:
-            if e.errno in _NO_FDS:
-                try:
-                    out.append((-1, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
-                except OSError as e2:
-                    out.append(e2)
-                continue
-            out.append(e)
+            out.append((-1, st) if e.errno in _NO_FDS else e)  # the stat above stands in
             continue
         try:
             out.append((fd, os.fstat(fd)))

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -328,6 +329,30 @@ def test_lower_passthrough_orderings(lower_pt: FuseTargetMount) -> None:
     assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 4
 
 
+def _write_while_readers_open(path: Path, mode: str, readers: list[BinaryIO]) -> None:
+    """Open ``path`` with ``mode`` and write b"W" in a thread while opening readers of it
+    (appended to ``readers``, closed by the caller) until the writer is done or there are
+    500; the writer must succeed."""
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with open(path, mode, buffering=0) as w:
+                w.write(b"W")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        while t.is_alive() and len(readers) < 500:
+            readers.append(open(path, "rb", buffering=0))  # noqa: SIM115 - caller closes
+            time.sleep(0.0005)
+    finally:
+        t.join(60)
+    assert not errors, errors
+
+
 @needs_passthrough
 def test_lower_passthrough_readers_opening_during_a_copy_up(lower_pt: FuseTargetMount) -> None:
     # Readers that open the lower file while a writer's open copies it up register the
@@ -338,24 +363,9 @@ def test_lower_passthrough_readers_opening_during_a_copy_up(lower_pt: FuseTarget
     big = _payload(64 * MiB, seed=5)
     (lower / "big").write_bytes(big)
     os.stat(mnt / "big")
-    errors: list[BaseException] = []
-
-    def writer() -> None:
-        try:
-            with open(mnt / "big", "r+b", buffering=0) as w:
-                w.write(b"W")
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    t = threading.Thread(target=writer)
-    readers = []
+    readers: list[BinaryIO] = []
     try:
-        t.start()
-        while t.is_alive() and len(readers) < 500:
-            readers.append(open(mnt / "big", "rb", buffering=0))  # noqa: SIM115
-            time.sleep(0.0005)
-        t.join(60)
-        assert not errors, errors
+        _write_while_readers_open(mnt / "big", "r+b", readers)
         for r in readers:
             assert r.read(2) in (big[:2], b"W" + big[1:2])
     finally:
@@ -406,24 +416,9 @@ def test_lower_passthrough_o_trunc_open_under_readers(lower_pt: FuseTargetMount)
     big = _payload(64 * MiB, seed=6)
     (lower / "big").write_bytes(big)
     first = open(mnt / "big", "rb", buffering=0)  # noqa: SIM115 - closed below
-    errors: list[BaseException] = []
-
-    def writer() -> None:
-        try:
-            with open(mnt / "big", "wb", buffering=0) as w:
-                w.write(b"W")
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    t = threading.Thread(target=writer)
-    readers = [first]
+    readers: list[BinaryIO] = [first]
     try:
-        t.start()
-        while t.is_alive() and len(readers) < 500:
-            readers.append(open(mnt / "big", "rb", buffering=0))  # noqa: SIM115
-            time.sleep(0.0005)
-        t.join(60)
-        assert not errors, errors
+        _write_while_readers_open(mnt / "big", "wb", readers)
         assert os.pread(first.fileno(), 2, 0) == big[:2]
         assert os.pread(first.fileno(), 2, len(big) - 2) == big[-2:]
         for r in readers[1:]:
