@@ -33,7 +33,8 @@ class BackingFile:
     its offset on an O_APPEND fd, so appending is the request's APPEND flag instead.
     """
 
-    __slots__ = ("fd", "flags", "nowait_ok", "write_backoff", "_refs", "_lock", "__weakref__")
+    __slots__ = ("fd", "flags", "nowait_ok", "nowait_misses", "nowait_skip", "write_backoff",
+                 "_refs", "_lock", "__weakref__")
 
     def __init__(self, fd: int, flags: int = 0) -> None:
         if flags & os.O_APPEND:
@@ -43,6 +44,11 @@ class BackingFile:
         # Cleared the first time the backing fs refuses RWF_NOWAIT (EOPNOTSUPP), so the
         # read fast path is not tried again on this fd.
         self.nowait_ok = True
+        # RWF_NOWAIT misses of small reads in a row, and how many small reads still skip
+        # the attempt after a run of them (rw.py: a cold random reader pays a syscall and a
+        # readahead submission per read for nothing).
+        self.nowait_misses = 0
+        self.nowait_skip = 0
         # Queued writes still to send to the workers before an inline write is tried
         # again, after one was slow (rw.py); 0 means inline writes are allowed.
         self.write_backoff = 0

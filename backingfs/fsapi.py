@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from .attrs import Attr
 
+#: ``read_start``'s completion: the data read, or the error.
+ReadDone = Callable[[memoryview | OSError], None]
+
 if TYPE_CHECKING:
     from .notify import Notifier
 
@@ -237,6 +240,16 @@ class Filesystem:
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         raise _enosys()
+
+    def read_start(self, fh: int, off: int, size: int, done: ReadDone) -> memoryview | None:
+        """``read`` without a coroutine, for a front-end that can finish a request from a
+        callback (the native session): the data when the read completed at once, else
+        None, and ``done(data or OSError)`` runs later on the loop thread, exactly once.
+        Raises OSError for a request that fails before any I/O. A queued read then costs
+        no task and no wake-up of one: the completion replies itself.
+
+        Optional: a filesystem that does not override it is read through ``read``."""
+        raise NotImplementedError
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         raise _enosys()

@@ -455,7 +455,22 @@ async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
 @handler(abi.Op.READ)
 async def read(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, size, _, _, _, _ = abi.READ_IN.unpack_from(data, ARGS)
-    s.reply(unique, await s.fs.read(fh, off, size))
+    start = s.read_start
+    if start is None:
+        s.reply(unique, await s.fs.read(fh, off, size))
+        return
+    # No await: a read that queues is answered by its completion, and this handler returns
+    # without suspending (no task, no lock hand-over, no wake-up of a task).
+    got = start(fh, off, size, functools.partial(_read_done, s, unique))
+    if got is not None:
+        s.reply(unique, got)
+
+
+def _read_done(s: NativeSession, unique: int, result: memoryview | OSError) -> None:
+    if isinstance(result, OSError):
+        s.reply_error(unique, result.errno or errno.EIO)
+    else:
+        s.reply(unique, result)
 
 
 @handler(abi.Op.WRITE)

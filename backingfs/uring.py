@@ -326,6 +326,13 @@ class Uring:
                 pass
             self.reap()
 
+    def ready(self) -> bool:
+        """Completions are posted and not reaped yet (two loads from the shared ring, no
+        syscall: cheap enough to ask in a polling loop)."""
+        cq = self._cq
+        return bool(self._maps) and (_U32.unpack_from(cq, self._cq_head)[0]
+                                     != _U32.unpack_from(cq, self._cq_tail)[0])
+
     @trio.lowlevel.enable_ki_protection
     def reap(self) -> int:
         """Run the callbacks of every completion posted so far; returns how many."""

@@ -42,7 +42,7 @@ from backingfs import privs, rw
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
 from backingfs.flags import APPEND, from_open_flags
-from backingfs.fsapi import Caller, OpenReply, SetattrRequest
+from backingfs.fsapi import Caller, OpenReply, ReadDone, SetattrRequest
 from backingfs.handles import Handle
 from backingfs.request import Request
 from backingfs.syscalls import fallocate as fallocate_fd
@@ -245,6 +245,19 @@ async def read(sb: Superblock, fh: int, off: int, size: int) -> memoryview:
         return await rw.read(file, size, req, _ctx(sb))
     finally:
         handle.io.end_io()
+
+
+def read_start(sb: Superblock, fh: int, off: int, size: int,
+               done: ReadDone) -> memoryview | None:
+    """``read`` for a callback front-end (fsapi ``read_start``)."""
+    handle: OvlFileHandle = sb.handles.begin_io(fh)
+    try:
+        file = handle.current()
+    except BaseException:
+        handle.io.end_io()
+        raise
+    return rw.read_start(file, size, Request(handle, off, handle.iocb & ~APPEND), _ctx(sb),
+                         done, held=handle.io)
 
 
 async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:

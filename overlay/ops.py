@@ -18,6 +18,7 @@ from backingfs.fsapi import (
     Filesystem,
     OpenReply,
     ReaddirReply,
+    ReadDone,
     SetattrRequest,
     Statfs,
 )
@@ -168,6 +169,9 @@ class OverlayFs(Filesystem):
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         return await ovl_file.read(self.sb, fh, off, size)
+
+    def read_start(self, fh: int, off: int, size: int, done: ReadDone) -> memoryview | None:
+        return ovl_file.read_start(self.sb, fh, off, size, done)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         return await ovl_file.write(self.sb, fh, off, data)

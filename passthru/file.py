@@ -34,7 +34,7 @@ import trio
 from backingfs import privs, rw, syscalls
 from backingfs.backing_file import BackingFile
 from backingfs.flags import APPEND, IocbFlags, from_open_flags
-from backingfs.fsapi import Caller, Entry, OpenReply
+from backingfs.fsapi import Caller, Entry, OpenReply, ReadDone
 from backingfs.handles import Handle
 from backingfs.request import Request
 from backingfs.sync import fsync_queued
@@ -188,6 +188,15 @@ async def read(fs: PassthruFs, fh: int, off: int, size: int) -> memoryview:
                              io=handle.io, workers=fs.workers)
     finally:
         handle.io.end_io()
+
+
+def read_start(fs: PassthruFs, fh: int, off: int, size: int,
+               done: ReadDone) -> memoryview | None:
+    """``read`` for a callback front-end (fsapi ``read_start``)."""
+    handle: FileHandle = fs.handles.begin_io(fh)
+    assert handle.file is not None
+    return rw.read_start(handle.file, size, Request(handle, off, handle.flags), fs.ctx, done,
+                         io=handle.io, workers=fs.workers, held=handle.io)
 
 
 async def write(fs: PassthruFs, fh: int, off: int, data: bytes) -> int:

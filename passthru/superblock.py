@@ -31,6 +31,7 @@ from backingfs.fsapi import (
     Filesystem,
     OpenReply,
     ReaddirReply,
+    ReadDone,
     SetattrRequest,
     Statfs,
 )
@@ -182,6 +183,9 @@ class PassthruFs(Filesystem):
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         return await file_ops.read(self, fh, off, size)
+
+    def read_start(self, fh: int, off: int, size: int, done: ReadDone) -> memoryview | None:
+        return file_ops.read_start(self, fh, off, size, done)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         return await file_ops.write(self, fh, off, data)

@@ -4,6 +4,7 @@ writes racing stats, release draining in-flight writes, and fd/aio leaks."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from rw_checks import (
@@ -267,3 +269,119 @@ async def _write(file: BackingFile, off: int, stacked: Stacked, ctx: BackingFile
         await rw.write(file, b"q" * 64, Request(stacked, off), ctx, io=io, workers=workers)  # type: ignore[arg-type]
     except OSError:
         pass
+
+
+class NowaitMisses:
+    """``os.preadv`` as rw.py sees it: every RWF_NOWAIT attempt fails (counted) while
+    ``miss`` is set, everything else is the real call. Deterministic, unlike evicting."""
+
+    def __init__(self) -> None:
+        self.miss = True
+        self.attempts = 0
+        self.real = os.preadv
+
+    def __call__(self, fd: int, buffers: list[object], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            self.attempts += 1
+            if self.miss:
+                raise BlockingIOError(11, "would block")
+        return self.real(fd, buffers, offset, flags)
+
+
+def test_read_start_answers_inline_when_cached_and_from_its_completion_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "f"
+    data = os.urandom(256 * 1024)
+    p.write_bytes(data)
+    workers = Workers(max_threads=2)
+    fake = NowaitMisses()
+    monkeypatch.setattr(rw.os, "preadv", fake)
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        file = BackingFile.open(p, os.O_RDONLY)
+        io = InFlight()
+        got: list[tuple[object, int]] = []
+        delivered = trio.Event()
+
+        def done(result: memoryview | OSError) -> None:
+            got.append((bytes(result) if isinstance(result, memoryview) else result,
+                        threading.get_ident()))
+            delivered.set()
+
+        # A NOWAIT hit: the data comes back at once, the callback never runs.
+        held = InFlight()  # the caller's count, ended by read_start whichever way
+        held.begin_io()
+        fake.miss = False
+        out = rw.read_start(file, 4096, Request(Stacked(), 8192), BackingFileCtx(), done,
+                            io=io, workers=workers, held=held)
+        assert out is not None and bytes(out) == data[8192:12288]
+        assert held.count == 0
+        # A miss: None now, then the data through ``done``, once, on the loop thread, even
+        # though a worker thread did the read; the in-flight count is back to zero.
+        fake.miss = True
+        held.begin_io()
+        out = rw.read_start(file, 5000, Request(Stacked(), 100_001), BackingFileCtx(), done,
+                            io=io, workers=workers, held=held)
+        assert out is None
+        with trio.fail_after(10):
+            await delivered.wait()
+        await trio.sleep(0.05)  # a second delivery would have arrived by now
+        assert got == [(data[100_001:105_001], loop_thread)]
+        assert io.count == 0 and held.count == 0 and live_aios() == 0
+        # A read that fails in the worker: ``done`` gets the OSError.
+        wfile = BackingFile.open(p, os.O_WRONLY)
+        got.clear()
+        delivered = trio.Event()
+        assert rw.read_start(wfile, 4096, Request(Stacked(), 0), BackingFileCtx(), done,
+                             workers=workers) is None
+        with trio.fail_after(10):
+            await delivered.wait()
+        [(err, _)] = got
+        assert isinstance(err, OSError) and err.errno == errno.EBADF
+        wfile.put()
+        file.put()
+
+    trio.run(main)
+    workers.shutdown()
+
+
+def test_a_run_of_nowait_misses_skips_the_attempt_for_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "f"
+    data = os.urandom(1 << 20)
+    p.write_bytes(data)
+    workers = Workers(max_threads=2)
+    fake = NowaitMisses()
+    monkeypatch.setattr(rw.os, "preadv", fake)
+
+    async def main() -> None:
+        file = BackingFile.open(p, os.O_RDONLY)
+
+        async def read(off: int, size: int = 4096) -> None:
+            got = await rw.read(file, size, Request(Stacked(), off), BackingFileCtx(),
+                                workers=workers)
+            assert bytes(got) == data[off:off + size]
+
+        for i in range(rw.NOWAIT_MISS_STREAK):
+            await read(i * 8192)
+        assert fake.attempts == rw.NOWAIT_MISS_STREAK
+        for i in range(rw.NOWAIT_SKIP):  # queued without trying
+            await read(i * 4096 + 7)
+        assert fake.attempts == rw.NOWAIT_MISS_STREAK
+        # Large reads (readahead) are not small random reads: they still try.
+        await read(0, rw.INLINE_READ_MAX + 4096)
+        assert fake.attempts == rw.NOWAIT_MISS_STREAK + 1
+        # The skip is over: the next small read tries again; a hit resets the streak, so a
+        # single miss after it does not start skipping.
+        fake.miss = False
+        await read(12345)
+        assert fake.attempts == rw.NOWAIT_MISS_STREAK + 2 and file.nowait_misses == 0
+        fake.miss = True
+        await read(4096)
+        await read(8192)
+        assert fake.attempts == rw.NOWAIT_MISS_STREAK + 4 and file.nowait_skip == 0
+        file.put()
+
+    trio.run(main)
+    workers.shutdown()
