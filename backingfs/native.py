@@ -145,7 +145,11 @@ class NativeSession:
 
     def statistics(self) -> dict[str, object]:
         """Requests served by opcode, and the passthrough table (for SIGUSR1 and tests)."""
+        ring = uring.ACTIVE
         return {"requests": {_opname(op): n for op, n in sorted(self.counts.items())},
+                "io_uring": None if ring is None else {
+                    "submitted": ring.submitted, "completed": ring.completed,
+                    "pending": ring.pending, "overflows": ring.overflows},
                 "suspended": {_opname(op): n for op, n in sorted(self.suspended.items())},
                 "passthrough": {"enabled": self.backing.enabled,
                                 "ids_opened": self.backing.opened_ids,
@@ -262,6 +266,8 @@ class NativeSession:
             except (BlockingIOError, InterruptedError):
                 if ring is not None and ring.ready():
                     ring.reap()
+                    if trio.lowlevel.current_statistics().tasks_runnable:
+                        return 0  # a completion woke a task: let it run
                     deadline = time.perf_counter() + SPIN_SECONDS
             except OSError:
                 return 0

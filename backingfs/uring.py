@@ -58,6 +58,9 @@ _IORING_OFF_CQ_RING = 0x8000000
 _IORING_OFF_SQES = 0x10000000
 _IORING_FEAT_SINGLE_MMAP = 1 << 0
 _IORING_FEAT_NODROP = 1 << 1
+#: sq_ring flags: completions wait in the kernel's overflow list, not in the CQ.
+_IORING_SQ_CQ_OVERFLOW = 1 << 1
+_IORING_ENTER_GETEVENTS = 1 << 0
 _IORING_REGISTER_EVENTFD = 4
 _IORING_UNREGISTER_EVENTFD = 5
 _IORING_REGISTER_PROBE = 8
@@ -165,6 +168,10 @@ class Uring:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             return f"io_uring_setup: {name}"
         try:
+            if not _PARAMS.unpack(params.raw)[5] & _IORING_FEAT_NODROP:
+                # Without it a completion that finds the CQ full is dropped: a request
+                # that never completes.
+                return "io_uring without IORING_FEAT_NODROP (Linux < 5.5)"
             # struct io_uring_probe: last_op, ops_len, resv, resv2[3], then 256 ops of
             # {op u8, resv u8, flags u16, resv2 u32}.
             probe = ctypes.create_string_buffer(16 + 256 * 8)
@@ -200,11 +207,12 @@ class Uring:
         self._closed = False
         self.submitted = 0  # statistics
         self.completed = 0
+        self.overflows = 0  # times completions had to be fetched from the overflow list
 
     def _map(self, params: ctypes.Array[ctypes.c_char]) -> None:
         v = _PARAMS.unpack(params.raw)
         sq_entries, cq_entries, _flags, _cpu, _idle, features = v[:6]
-        sq_head, sq_tail, sq_mask, _sq_n, _sq_flags, _sq_dropped, sq_array = v[10:17]
+        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _sq_dropped, sq_array = v[10:17]
         cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes = v[19:25]
         self.features = features
         self.sq_entries = sq_entries
@@ -226,6 +234,7 @@ class Uring:
         self._maps.append(sqes)
         self._sq, self._cq, self._sqes = sq, cq, sqes
         self._sq_head, self._sq_tail = sq_head, sq_tail
+        self._sq_flags = sq_flags
         self._sq_mask = _U32.unpack_from(sq, sq_mask)[0]
         self._cq_head, self._cq_tail = cq_head, cq_tail
         self._cq_mask = _U32.unpack_from(cq, cq_mask)[0]
@@ -327,11 +336,33 @@ class Uring:
             self.reap()
 
     def ready(self) -> bool:
-        """Completions are posted and not reaped yet (two loads from the shared ring, no
-        syscall: cheap enough to ask in a polling loop)."""
+        """Completions are posted and not reaped yet, in the CQ or in the kernel's overflow
+        list (loads from the shared rings, no syscall: cheap enough for a polling loop)."""
+        if not self._maps:
+            return False
         cq = self._cq
-        return bool(self._maps) and (_U32.unpack_from(cq, self._cq_head)[0]
-                                     != _U32.unpack_from(cq, self._cq_tail)[0])
+        return (_U32.unpack_from(cq, self._cq_head)[0] != _U32.unpack_from(cq, self._cq_tail)[0]
+                or self._overflowed())
+
+    def _overflowed(self) -> bool:
+        return bool(_U32.unpack_from(self._sq, self._sq_flags)[0] & _IORING_SQ_CQ_OVERFLOW)
+
+    def _flush_overflow(self) -> None:
+        """Have the kernel move overflowed completions into the CQ. Only an enter with
+        GETEVENTS does that; until then every new completion queues behind them, and the
+        ring, to a reaper that only looks at the CQ, falls silent for good."""
+        self.overflows += 1
+        if self.overflows == 1:
+            log.warning("io_uring completion queue overflowed; fetching the completions "
+                        "from the kernel's overflow list")
+        while True:
+            if _enter(self.fd, 0, 0, _IORING_ENTER_GETEVENTS) >= 0:
+                return
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                log.error("io_uring_enter(GETEVENTS) to flush overflowed completions: %s",
+                          os.strerror(err))
+                return
 
     @trio.lowlevel.enable_ki_protection
     def reap(self) -> int:
@@ -342,6 +373,10 @@ class Uring:
             head = _U32.unpack_from(cq, self._cq_head)[0]
             tail = _U32.unpack_from(cq, self._cq_tail)[0]  # read before the CQEs it covers
             if head == tail:
+                if self._maps and self._overflowed():
+                    self._flush_overflow()
+                    if _U32.unpack_from(cq, self._cq_tail)[0] != head:
+                        continue
                 break
             done = []
             mask, base = self._cq_mask, self._cqes

@@ -194,8 +194,11 @@ def read_start(fs: PassthruFs, fh: int, off: int, size: int,
                done: ReadDone) -> memoryview | None:
     """``read`` for a callback front-end (fsapi ``read_start``)."""
     handle: FileHandle = fs.handles.begin_io(fh)
-    assert handle.file is not None
-    return rw.read_start(handle.file, size, Request(handle, off, handle.flags), fs.ctx, done,
+    file = handle.file
+    if file is None:  # never: a FileHandle is made with its file
+        handle.io.end_io()
+        raise OSError(errno.EBADF, "file handle without a backing file")
+    return rw.read_start(file, size, Request(handle, off, handle.flags), fs.ctx, done,
                          io=handle.io, workers=fs.workers, held=handle.io)
 
 
