@@ -226,10 +226,9 @@ class NativeSession:
                 return bytes(self._view[:n])
             except BlockingIOError:
                 ring = uring.ACTIVE
-                if ring is not None and ring.ready():
-                    # Finish what the ring completed (reads answer from their completion)
+                if ring is not None and ring.ready() and ring.reap():
+                    # Finished what the ring completed (reads answer from their completion)
                     # before sleeping or polling: their callers are the next requests.
-                    ring.reap()
                     continue
                 if SPIN_SECONDS and not trio.lowlevel.current_statistics().tasks_runnable:
                     n = self._spin(fd, buf, ring)
@@ -264,8 +263,7 @@ class NativeSession:
             try:
                 return os.readv(fd, (buf,))
             except (BlockingIOError, InterruptedError):
-                if ring is not None and ring.ready():
-                    ring.reap()
+                if ring is not None and ring.ready() and ring.reap():
                     if trio.lowlevel.current_statistics().tasks_runnable:
                         return 0  # a completion woke a task: let it run
                     deadline = time.perf_counter() + SPIN_SECONDS
