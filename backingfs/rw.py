@@ -40,6 +40,7 @@ from .aio import QUEUED, BackingAio, _Queued
 from .backing_file import BackingFile
 from .context import BackingFileCtx
 from .flags import APPEND, MASK, NOWAIT, SYNCS, WRITE
+from .fsapi import ReadDone
 from .inflight import InFlight
 from .pressure import PRESSURE
 from .request import Request
@@ -246,7 +247,7 @@ class _Waiter:
 
 
 def read_start(file: BackingFile, size: int, req: Request, ctx: BackingFileCtx,
-               done: Callable[[memoryview | OSError], None], *, io: InFlight | None = None,
+               done: ReadDone, *, io: InFlight | None = None,
                workers: Workers | None = None,
                held: InFlight | None = None) -> memoryview | None:
     """Read up to ``size`` bytes for ``req`` (whose completion this helper sets), with a
@@ -290,14 +291,14 @@ def read_start(file: BackingFile, size: int, req: Request, ctx: BackingFileCtx,
     return memoryview(buf)[:n]  # type: ignore[index]
 
 
-def _finish(held: InFlight | None, done: Callable[[memoryview | OSError], None],
+def _finish(held: InFlight | None, done: ReadDone,
             buf: bytearray, res: int) -> None:
     if held is not None:
         held.end_io()
     _deliver(done, buf, res)
 
 
-def _deliver(done: Callable[[memoryview | OSError], None], buf: bytearray, res: int) -> None:
+def _deliver(done: ReadDone, buf: bytearray, res: int) -> None:
     try:
         done(OSError(-res, os.strerror(-res)) if res < 0 else memoryview(buf)[:res])
     except Exception:  # it runs from the ring's reaper or trio's callback queue

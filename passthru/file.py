@@ -198,8 +198,9 @@ def read_start(fs: PassthruFs, fh: int, off: int, size: int,
     if file is None:  # never: a FileHandle is made with its file
         handle.io.end_io()
         raise OSError(errno.EBADF, "file handle without a backing file")
+    # ``held`` spans the whole read, the queued I/O included: no second count on the aio.
     return rw.read_start(file, size, Request(handle, off, handle.flags), fs.ctx, done,
-                         io=handle.io, workers=fs.workers, held=handle.io)
+                         workers=fs.workers, held=handle.io)
 
 
 async def write(fs: PassthruFs, fh: int, off: int, data: bytes) -> int:
