@@ -22,11 +22,11 @@ lower layer, so read and copy-up workloads read lower files and every write land
 A target whose CLI does not exist yet (passthru, overlay) is skipped with a note.
 
 Workloads (``--workloads``): seqwrite, seqread, randread, meta, tree, copyup (overlay targets
-only). Each run of a (workload, target) pair gets a fresh mount, and each run of a write
-workload a new ext4 filesystem for what it writes (a loop device; ``ScratchFs`` says why;
-``--shared-fs`` writes into --dir instead); runs are interleaved across targets so
-background noise spreads evenly. Ratios are *speed* ratios (>1 = faster than the
-reference), also for metrics measured in seconds.
+only), rtt (one request's round trip: statfs(2)). Each run of a (workload, target) pair gets a
+fresh mount, and each run of a write workload a new ext4 filesystem for what it writes (a
+loop device; ``ScratchFs`` says why; ``--shared-fs`` writes into --dir instead); runs are
+interleaved across targets so background noise spreads evenly. Ratios are *speed* ratios
+(>1 = faster than the reference), also for metrics measured in seconds.
 
 Every mount is torn down in ``finally`` (fusermount3 -u / umount, then the lazy forms), and
 only the daemon pids this script started are ever signalled; the daemons run in their own
@@ -350,6 +350,29 @@ class ScratchFs:
             self.image.unlink()
 
 
+def cpuidle_note() -> str | None:
+    """How this machine's idle CPUs wake, when that is known: it sets the price of every
+    FUSE request. A request wakes the daemon and its reply wakes the caller; when the
+    CPU the woken task lands on has halted, the wake-up is an IPI plus, on a VM, an exit
+    to the host. A guest's haltpoll driver polls before halting (guest_halt_poll_ns)."""
+    base = Path("/sys/devices/system/cpu/cpuidle")
+    try:
+        driver = (base / "current_driver").read_text().strip()
+    except OSError:
+        return None
+    note = f"cpuidle driver {driver}"
+    try:
+        ns = int(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text())
+    except (OSError, ValueError):
+        return note
+    note += f", guest_halt_poll_ns={ns}"
+    if ns == 0:
+        note += (" (idle vCPUs halt at once: each wake-up of the daemon or of the caller "
+                 "costs an IPI and a VM exit, paid twice per FUSE request unless the daemon "
+                 "polls; see the rtt workload)")
+    return note
+
+
 def fresh_fs_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "not root"
@@ -619,7 +642,17 @@ def driver_copyup(small_dir: str, big: str) -> dict[str, float]:
     return {"append": append, "files": len(names), "first_write": time.perf_counter() - t0}
 
 
+def driver_rtt(path: str, n: int) -> dict[str, float]:
+    for _ in range(n // 10):  # warm-up: the daemon's caches, the CPUs' frequency
+        os.statvfs(path)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.statvfs(path)
+    return {"seconds": time.perf_counter() - t0}
+
+
 DRIVERS: dict[str, Callable[..., dict[str, float]]] = {
+    "rtt": lambda p, n: driver_rtt(p, int(n)),
     "seqwrite": lambda p, size, bs: driver_seqwrite(p, int(size), int(bs)),
     "seqread": lambda p, bs: driver_seqread(p, int(bs)),
     "meta": lambda d, n, passes: driver_meta(d, int(n), int(passes)),
@@ -860,6 +893,31 @@ class Tree(Workload):
         return res
 
 
+class Rtt(Workload):
+    """The floor under every metadata figure: what one request costs a target end to end.
+
+    statfs(2) is answered by no kernel cache on a FUSE mount (each call is one STATFS
+    request), every daemon implements it with one statvfs of its backing fs, and on a
+    plain directory or kernel overlayfs it is one syscall. Its rate is therefore the
+    round trip of each daemon (kernel transport, wake-ups, per-request overhead) against
+    the same syscall without FUSE. GETXATTR would do as well but pyfuse3's example has no
+    xattr handlers (ENOSYS: the kernel then answers xattr calls itself)."""
+    name = "rtt"
+    writes = False
+    metrics = (Metric("statfs", "calls/s", True),)
+    calls = 20_000
+
+    def describe(self, cfg: Config) -> str:
+        return (f"{self.calls:,} statfs(2) of the mount root after {self.calls // 10:,} "
+                "untimed: each is one STATFS request on a FUSE mount, so this is the "
+                "round trip of a request through each daemon, the floor under every "
+                "metadata figure (1e6 / rate = µs per request)")
+
+    def run(self, dirs: RunDirs, cfg: Config) -> dict[str, float]:
+        r = run_driver("rtt", dirs.root, self.calls)
+        return {"statfs": self.calls / r["seconds"]}
+
+
 class CopyUp(Workload):
     name = "copyup"
     families = (OVERLAY_FAMILY,)
@@ -892,7 +950,7 @@ class CopyUp(Workload):
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (SeqWrite(), SeqRead(), RandRead(), Meta(),
-                                                       Tree(), CopyUp())}
+                                                       Tree(), CopyUp(), Rtt())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1097,6 +1155,9 @@ def main(argv: list[str] | None = None) -> int:
             NOTES.add(f"target {t.name} skipped: {t.skip}")
     if os.geteuid() != 0:
         NOTES.add("not root: cold-cache runs cannot drop caches")
+    idle = cpuidle_note()
+    if idle:
+        NOTES.add(idle)
     log(f"targets: {', '.join(t.name for t in targets if not t.skip)}; workloads: "
         f"{', '.join(wnames)}; size {fmt_size(cfg.size)}, files {cfg.files}, runs {cfg.runs}; "
         f"workdir {workdir}")

@@ -43,3 +43,13 @@ def test_unknown_target_is_a_one_line_error(tmp_path: Path) -> None:
     r = run_bench("--quick", "--targets", "nosuchfs", "--dir", str(tmp_path))
     assert r.returncode != 0
     assert "unknown target 'nosuchfs'" in r.stderr
+
+
+def test_rtt_workload_times_statfs_calls(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_bench("--quick", "--targets", "native", "--workloads", "rtt",
+                  "--dir", str(tmp_path / "work"), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "### rtt: statfs (calls/s, higher is better)" in r.stdout
+    values = json.loads(out.read_text())["results"]["rtt"]["statfs"]["native"]["values"]
+    assert len(values) == 1 and values[0] > 0
