@@ -172,6 +172,12 @@ class Filesystem:
     #: Set by the front-end before ``init``: an ``Entry.node`` apart from ``attr.st_ino``
     #: is honoured (the native session; pyfuse3 sends st_ino as the node id).
     node_ids: bool = False
+    #: Set by the front-end before ``init``: readdir may give ``.`` and ``..`` as bare
+    #: entries (d_ino and type only, no reference). The native session: the kernel lists
+    #: the dots of a READDIRPLUS but never instantiates them (fuse_direntplus_link skips
+    #: them), so their attributes and references were work thrown away on every listing.
+    #: pyfuse3 cannot send a bare entry.
+    bare_dots: bool = False
     #: Set by the front-end before ``init``: how to tell the kernel that a cached entry or
     #: inode changed behind its back (``notify.Notifier``); None outside a session.
     notifier: Notifier | None = None

@@ -204,6 +204,7 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
     s.backing.enabled = passthrough
     fs.passthrough = passthrough
     fs.node_ids = True
+    fs.bare_dots = True
     log.debug("INIT: kernel %d.%d offers %s; using %s", major, minor, abi.flag_names(offered),
               abi.flag_names(got))
     if passthrough:

@@ -68,6 +68,7 @@ class OverlayFs(Filesystem):
         # apart from st_ino, which only the native session has).
         self.sb.lower_passthrough = self.sb.params.lower_passthrough and self.passthrough
         self.sb.node_ids = self.node_ids
+        self.sb.bare_dots = self.bare_dots
         # Most inodes hold one fd (a merged directory one per layer it is in, but they are
         # few); a lookup that meets EMFILE anyway prunes and retries (native_ops).
         self.sb.inodes.enable_pruning(self.sb.notifier)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from backingfs.attrs import Attr
 from backingfs.dirents import DOT_ENTRIES, DirSnapshot, fill, reply_dots, scandir_names
 from backingfs.fsapi import DirEntry, Entry, ReaddirReply
 from backingfs.handles import Handle
@@ -157,8 +158,11 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
     """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2)."""
     from .namei import adopt, known_upper, resolve
 
-    def dot_entry(name: bytes) -> Entry:
+    def dot_entry(name: bytes) -> Entry | DirEntry:
         target = inode if name == b"." else (inode.parent or inode)
+        if sb.bare_dots:
+            return DirEntry(name, Entry(Attr(st_ino=target.st_ino, st_mode=stat.S_IFDIR),
+                                        0.0, 0.0), 0, bare=True)
         sb.inodes.ref(target.ino)
         return make_entry(sb, target)
 

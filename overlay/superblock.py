@@ -88,6 +88,8 @@ class Superblock:
         #: The session takes node ids apart from st_ino (ops.init): then the names of a
         #: lower hard link, separate inodes, all report its st_ino, as the kernel's do.
         self.node_ids = False
+        #: Dots may be listed bare (ops.init; fsapi.Filesystem.bare_dots).
+        self.bare_dots = False
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)
         root = OvlInode.make_root(layers)

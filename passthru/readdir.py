@@ -152,8 +152,19 @@ def _without_fd(fs: PassthruFs, name: bytes, st: os.stat_result) -> Entry | DirE
 
 
 def _dot_entry(fs: PassthruFs, inode: PassthruInode, name: bytes) -> Entry | DirEntry:
-    """The entry of ``.`` or ``..`` in ``inode``, with a reference (the bridge gives it
-    back: the kernel counts none for the dots)."""
+    """The entry of ``.`` or ``..`` in ``inode``: bare when the front-end allows it (its
+    d_ino is all the kernel uses), else with a reference (the front-end gives it back: the
+    kernel counts none for the dots). ``..`` of the root is the root, as at the root of a
+    mounted filesystem."""
+    if fs.bare_dots:
+        if name == b"." or inode is fs.inodes.root:
+            ino = inode.ino
+        else:
+            st = os.stat(name, dir_fd=inode.fd, follow_symlinks=False)
+            known = fs.inodes.find((st.st_dev, st.st_ino))
+            ino = st.st_ino if known is None else known.ino
+        return DirEntry(name, Entry(Attr(st_ino=ino, st_mode=stat.S_IFDIR), 0.0, 0.0), 0,
+                        bare=True)
     if name == b"." or inode is fs.inodes.root:  # the inode itself: no fd to open
         st = os.fstat(inode.fd)
         fs.inodes.ref(inode.ino)

@@ -128,6 +128,10 @@ def test_readdir_dot_entries_and_types(fs: Path) -> None:
         assert entries[name][1] == dtype, name
         assert entries[name][0] == os.lstat(d / name).st_ino, name
     assert entries["."][0] == os.stat(d).st_ino
+    # The dots too: a directory, and ".." is the parent (FUSE lists them bare: their d_ino
+    # and type are all there is of them).
+    assert entries["."][1] == entries[".."][1] == 4
+    assert entries[".."][0] == os.stat(fs).st_ino
 
 
 def test_d_ino_matches_st_ino(fs: Path) -> None:
