@@ -37,7 +37,7 @@ from backingfs.syscalls import RENAME_WHITEOUT, open_path, proc_path, renameat2
 from . import whiteout as wo
 from .copyup import copy_up
 from .entry import OvlInode
-from .file import open_new
+from .file import backing_flags, open_new
 from .inode import check_writable, make_entry
 from .namei import Resolved, adopt, lower_positive, resolve
 from .readdir import is_empty, remove_upper_whiteouts
@@ -60,9 +60,12 @@ def _check_new_name(name: bytes) -> None:
 
 async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, kind: str,
                 mode: int = 0, rdev: int = 0, target: bytes = b"",
-                link_src: OvlInode | None = None) -> OvlInode:
+                link_src: OvlInode | None = None,
+                keep_open: tuple[int, list[int]] | None = None) -> OvlInode:
     """Create ``name`` in ``parent`` on the upper layer; returns its inode with one lookup
-    reference."""
+    reference. ``keep_open`` (create): ``(flags, out)``: a regular file made in place is
+    opened with the backing ``flags`` as it is made, and that fd goes into ``out`` (the
+    caller's to close), sparing the reopen of an open that follows."""
     check_writable(sb)
     _check_new_name(name)
     res = resolve(sb, parent, name)
@@ -90,13 +93,15 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
                           caller.uid == 0, apply_umask=False)
     src_fd = link_src.upper if link_src is not None else None
     path_fd, made_st = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid,
-                                  gid, over_whiteout, src_fd)
+                                  gid, over_whiteout, src_fd, keep_open)
     if path_fd is not None:
-        # What a resolve would find now, known without asking: an upper non-directory,
-        # ours, with no origin record. Its identity is the object we made even if the name
-        # changed meanwhile.
+        # What a resolve would find now, known without asking: an upper object, ours, with
+        # no origin record; a directory with nothing merged below (a lower one of that name
+        # would have made the name exist), opaque when made over a whiteout. Its identity
+        # is the object we made even if the name changed meanwhile.
         assert sb.layers.upper is not None
         res = Resolved(st=made_st, upper=path_fd,
+                       is_opaque=kind == KIND_DIR and over_whiteout,
                        st_ino=sb.layers.st_ino(sb.layers.upper, made_st.st_ino))
         return adopt(sb, parent, name, res)
     try:
@@ -113,10 +118,11 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
 
 def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int, rdev: int,
                target: bytes, uid: int, gid: int, over_whiteout: bool,
-               src_fd: int | None) -> tuple[int | None, os.stat_result]:
+               src_fd: int | None, keep_open: tuple[int, list[int]] | None = None,
+               ) -> tuple[int | None, os.stat_result]:
     """Make the object; returns its stat (what a failure later takes back, whatever the
-    name holds by then) and, for a plain regular file made in place (the common create),
-    its O_PATH fd, else None (the caller resolves the name)."""
+    name holds by then) and its O_PATH fd, or None (a hard link, whose identity is its
+    source's; or the name no longer holds what we made): the caller resolves the name."""
     # resolve() reports an upper .wh.NAME as a whiteout: only then can one be there.
     aufs = over_whiteout and wo.has_aufs_whiteout(parent_fd, name)
     entry_whiteout = over_whiteout and not aufs  # an object sits at ``name`` on the upper
@@ -125,7 +131,7 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
     assert sb.work_fd is not None
     dir_fd, nm = (sb.work_fd, sb.tmp_name()) if in_work else (parent_fd, name)
     if kind == KIND_REG and not in_work and sb.owners is None:
-        return _make_file_sync(sb, parent_fd, name, mode, uid, gid, aufs)
+        return _make_file_sync(sb, parent_fd, name, mode, uid, gid, aufs, keep_open)
     if kind == KIND_REG:
         os.close(os.open(nm, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                          dir_fd=dir_fd))
@@ -167,15 +173,39 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
     if aufs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
-    return None, made_st
+    return (None if kind == KIND_LINK else _open_made(parent_fd, name, made_st)), made_st
+
+
+def _open_made(parent_fd: int, name: bytes, made: os.stat_result) -> int | None:
+    """An O_PATH fd of the object we just made at ``name``, or None when the name no
+    longer holds it (or no fd is left): the caller's resolve sorts that out."""
+    try:
+        fd = open_path(parent_fd, name)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid: int,
-                    gid: int, aufs: bool) -> tuple[int, os.stat_result]:
+                    gid: int, aufs: bool, keep_open: tuple[int, list[int]] | None = None,
+                    ) -> tuple[int, os.stat_result]:
     """A regular file made in place, owner and mode set through the fd that created it
-    (chown first: it clears set-id bits). Returns its O_PATH fd and stat."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+    (chown first: it clears set-id bits). Returns its O_PATH fd and stat; with
+    ``keep_open``, the creating fd (opened with those flags) goes into its list."""
+    access = os.O_WRONLY
+    if keep_open is not None:
+        access = keep_open[0] & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+    fd = os.open(name, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                  dir_fd=parent_fd)
+    kept = False
     try:
         try:
             os.fchown(fd, uid, gid)
@@ -186,19 +216,23 @@ def _make_file_sync(sb: Superblock, parent_fd: int, name: bytes, mode: int, uid:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=parent_fd)
             raise
+        if aufs:
+            try:
+                os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                # The old whiteout stays: the new file must not (nor its fds)
+                os.close(path_fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=parent_fd)
+                raise
+        if keep_open is not None:
+            keep_open[1].append(fd)
+            kept = True
     finally:
-        os.close(fd)
-    if aufs:
-        try:
-            os.unlink(wo.aufs_name(name), dir_fd=parent_fd)
-        except FileNotFoundError:
-            pass
-        except BaseException:
-            # The old whiteout stays: the new file must not (nor its fd)
-            os.close(path_fd)
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=parent_fd)
-            raise
+        if not kept:
+            os.close(fd)
     return path_fd, st
 
 
@@ -235,21 +269,29 @@ async def link(sb: Superblock, inode: OvlInode, parent: OvlInode, name: bytes,
 
 async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags: int,
                  caller: Caller) -> tuple[OpenReply, Entry]:
-    inode = await _make(sb, parent, name, caller, KIND_REG, stat.S_IFREG | mode)
-    assert inode.upper is not None and parent.upper is not None
-    made = os.fstat(inode.upper)
+    kept: list[int] = []
     try:
-        entry = _entry(sb, inode)  # gives the lookup back itself if it fails
+        inode = await _make(sb, parent, name, caller, KIND_REG, stat.S_IFREG | mode,
+                            keep_open=(backing_flags(sb, flags), kept))
+        assert inode.upper is not None and parent.upper is not None
+        made = os.fstat(inode.upper)
         try:
-            return open_new(sb, inode, flags), entry
+            entry = _entry(sb, inode)  # gives the lookup back itself if it fails
+            try:
+                reply = open_new(sb, inode, flags, kept[0] if kept else None)
+            except BaseException:
+                sb.inodes.forget(inode.ino, 1)
+                raise
+            kept.clear()  # the handle's now
+            return reply, entry
         except BaseException:
-            sb.inodes.forget(inode.ino, 1)
+            # As on a local filesystem, a failed create leaves no file (EMFILE opening the
+            # handle, under a small fd limit): a retry with O_EXCL must not meet EEXIST.
+            _unmake_sync(sb, parent, name, made)
             raise
-    except BaseException:
-        # As on a local filesystem, a failed create leaves no file (EMFILE opening the
-        # handle, under a small fd limit): a retry with O_EXCL must not meet EEXIST.
-        _unmake_sync(sb, parent, name, made)
-        raise
+    finally:
+        for fd in kept:  # not taken by a handle: the request failed
+            os.close(fd)
 
 
 def _unmake_sync(sb: Superblock, parent: OvlInode, name: bytes, made: os.stat_result) -> None:

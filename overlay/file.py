@@ -208,10 +208,13 @@ def _keep_cache(sb: Superblock) -> bool:
     return sb.params.timeout > 0
 
 
-def open_new(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
-    """Open a file create() just made on the upper layer."""
+def open_new(sb: Superblock, inode: OvlInode, flags: int, fd: int | None = None) -> OpenReply:
+    """Open a file create() just made on the upper layer; ``fd``: the fd that made it,
+    opened with ``backing_flags(sb, flags)``, which the handle takes over."""
     assert inode.upper is not None
-    handle = OvlFileHandle(sb, inode, _open_backing(sb, inode.upper, flags), flags, True)
+    file = (_open_backing(sb, inode.upper, flags) if fd is None
+            else BackingFile(fd, backing_flags(sb, flags) | os.O_CLOEXEC))
+    handle = OvlFileHandle(sb, inode, file, flags, True)
     return OpenReply(sb.handles.add(handle), keep_cache=_keep_cache(sb),
                      backing=handle.current().fd)
 

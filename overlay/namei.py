@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backingfs.syscalls import check_name, open_path
 
@@ -64,9 +64,16 @@ class Resolved:
             os.close(fd)
 
 
-def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
+#: ``resolve``'s ``upper_st`` when nobody has looked at the upper layer yet.
+UNSEEN: Any = object()
+
+
+def resolve(sb: Superblock, parent: OvlInode, name: bytes,
+            upper_st: os.stat_result | None = UNSEEN) -> Resolved:
     """What ``name`` is in ``parent`` (see the module docstring). Blocking; OSError on
-    backing errors. The caller owns the fds in the result (adopt or close)."""
+    backing errors. The caller owns the fds in the result (adopt or close).
+    ``upper_st``: the name's lstat on the parent's upper directory (None: absent) when the
+    caller just took it (``find_upper``), which spares taking it again."""
     check_name(name)
     res = Resolved()
     if not parent.is_dir:
@@ -77,7 +84,7 @@ def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
     try:
         done = False
         if parent.upper is not None:
-            st = wo.lstat_at(parent.upper, name)
+            st = wo.lstat_at(parent.upper, name) if upper_st is UNSEEN else upper_st
             if st is not None and wo.is_whiteout(parent.upper, name, st, prefix,
                                                  parent.upper_xwhiteouts):
                 res.upper_whiteout = True
@@ -109,9 +116,17 @@ def resolve(sb: Superblock, parent: OvlInode, name: bytes) -> Resolved:
 
 def known_upper(sb: Superblock, parent: OvlInode,
                 name: bytes) -> tuple[OvlInode, os.stat_result] | None:
+    """``find_upper`` without what it saw."""
+    return find_upper(sb, parent, name)[0]
+
+
+def find_upper(sb: Superblock, parent: OvlInode, name: bytes,
+               ) -> tuple[tuple[OvlInode, os.stat_result] | None, os.stat_result | None]:
     """The inode ``name`` names, with one new lookup, and the upper object's stat, when
     that object is on the upper layer and already has an inode keyed by its own st_ino;
-    else None: ``resolve`` it. Blocking.
+    else None: ``resolve`` it, passing the second item (the name's lstat on the upper
+    layer, None when absent there, UNSEEN when not looked at) as its ``upper_st``.
+    Blocking.
 
     The common case of every repeated lookup (a listing of a directory made through the
     mount, an entry revalidated): one fstatat and one fstat instead of an O_PATH open, an
@@ -125,19 +140,19 @@ def known_upper(sb: Superblock, parent: OvlInode,
     way."""
     upper_layer = sb.layers.upper
     if parent.upper is None or upper_layer is None or wo.is_aufs_name(name):
-        return None
+        return None, UNSEEN
     check_name(name)
     st = wo.lstat_at(parent.upper, name)
     if st is None or wo.is_whiteout(parent.upper, name, st, sb.prefix,
                                     parent.upper_xwhiteouts):
         # An xattr whiteout may be a hard link of a file with an inode (found in review).
-        return None
+        return None, st
     st_ino = sb.layers.st_ino(upper_layer, st.st_ino)
     if st_ino is None:
-        return None
+        return None, st
     inode = sb.inodes.lookup_existing(st_ino)
     if inode is None:
-        return None
+        return None, st
     try:
         fd = inode.upper
         same = fd is not None and not inode.is_stale
@@ -149,10 +164,10 @@ def known_upper(sb: Superblock, parent: OvlInode,
         raise
     if not same:
         sb.inodes.forget(inode.ino, 1)
-        return None
+        return None, st
     if inode.parent is not parent or inode.name != name:
         inode.set_parent(parent, name)
-    return inode, st
+    return (inode, st), st
 
 
 def _resolve_lowers(sb: Superblock, parent: OvlInode, name: bytes, res: Resolved) -> None:

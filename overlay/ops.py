@@ -29,7 +29,7 @@ from . import file as ovl_file
 from . import inode as ovl_inode
 from . import readdir as ovl_readdir
 from .entry import OvlInode
-from .namei import adopt, known_upper, resolve
+from .namei import adopt, find_upper, resolve
 from .superblock import Superblock
 
 
@@ -90,7 +90,7 @@ class OverlayFs(Filesystem):
     async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
         sb = self.sb
         dir_inode = self._dir(parent)
-        known = known_upper(sb, dir_inode, name)
+        known, upper_st = find_upper(sb, dir_inode, name)
         if known is not None:
             inode, st = known
             try:
@@ -98,7 +98,7 @@ class OverlayFs(Filesystem):
             except BaseException:
                 sb.inodes.forget(inode.ino, 1)
                 raise
-        res = resolve(sb, dir_inode, name)
+        res = resolve(sb, dir_inode, name, upper_st)
         if not res.exists:
             res.close()
             timeout = sb.params.timeout

@@ -156,7 +156,7 @@ async def readdir_inode(sb: Superblock, inode: OvlInode, off: int,
 async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int], off: int,
                         reply: ReaddirReply) -> None:
     """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2)."""
-    from .namei import adopt, known_upper, resolve
+    from .namei import adopt, find_upper, resolve
 
     def dot_entry(name: bytes) -> Entry | DirEntry:
         target = inode if name == b"." else (inode.parent or inode)
@@ -171,11 +171,11 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
         return
 
     def make(name: bytes, d_type: int) -> DirEntry:
-        known = known_upper(sb, inode, name)
+        known, upper_st = find_upper(sb, inode, name)
         if known is not None:
             child, st = known
         else:
-            res = resolve(sb, inode, name)
+            res = resolve(sb, inode, name, upper_st)
             if not res.exists:
                 raise OSError(errno.ENOENT, "vanished", name)
             st = res.st

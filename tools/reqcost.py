@@ -1,0 +1,242 @@
+"""reqcost: what one FUSE request costs the daemon in Python, without the kernel.
+
+    python tools/reqcost.py [--fs passthru|overlay] [--n N] [--ops OP,OP...] [--profile OP]
+                            [--dir DIR]
+
+Builds the filesystem over a scratch tree, serves it with a ``NativeSession`` whose device
+is /dev/null (replies are written and dropped), and feeds the session's own dispatch the
+bytes of real requests, timing each kind: the decode, the handler, the filesystem's
+syscalls and the reply encoding, with none of the transport. Set against the live
+figures (``bench.py --workloads rtt`` for a whole round trip), it says how much of a
+request is ours to make faster. ``--profile OP`` runs that one under cProfile.
+
+Requests (all on inodes the table already holds, as in a warm tree):
+    getattr, lookup (an existing name), lookup-enoent (in the root; for overlay a merged
+    directory), lookup-enoent-sub (in a subdirectory; for overlay one of the upper layer
+    alone, as every directory a tar extract makes), setattr-mode, setattr-chown,
+    setattr-times, getxattr (absent: ENODATA, as the kernel's security.capability probe),
+    readdirplus (3 files and the dots), readdirplus-eof (the empty call that ends a
+    listing), lookup-forget (a name whose inode is made and then evicted each time),
+    create and mkdir (in a subdirectory; each made object is removed again, untimed, by
+    the filesystem's own unlink/rmdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import os
+import pstats
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import trio  # noqa: E402
+
+from backingfs import fuse_abi as abi  # noqa: E402
+from backingfs import getdents  # noqa: E402
+from backingfs.fsapi import ROOT_INO, Filesystem  # noqa: E402
+from backingfs.native import NativeSession  # noqa: E402
+
+OPS = ("getattr", "lookup", "lookup-enoent", "lookup-enoent-sub", "setattr-mode",
+       "setattr-chown", "setattr-times", "getxattr", "readdirplus", "readdirplus-eof",
+       "lookup-forget", "create", "mkdir")
+
+
+def request(op: int, nodeid: int, body: bytes = b"") -> bytes:
+    return abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), op, 1, nodeid, 0, 0,
+                              os.getpid(), 0, 0) + body
+
+
+def setattr_body(valid: int, *, mode: int = 0, atime: int = 0, mtime: int = 0) -> bytes:
+    return abi.SETATTR_IN.pack(valid, 0, 0, 0, 0, atime, mtime, 0, 0, 0, 0, mode, 0, 0, 0, 0)
+
+
+def make_fs(kind: str, scratch: Path) -> tuple[Filesystem, Path]:
+    """The filesystem and the directory its root shows (where the test tree goes)."""
+    if kind == "passthru":
+        from passthru.superblock import PassthruFs
+        src = scratch / "src"
+        src.mkdir()
+        return PassthruFs(str(src)), src
+    from overlay.ops import OverlayFs
+    from overlay.params import parse_params
+    from overlay.superblock import Superblock
+    for d in ("lower", "upper", "work", "mnt"):
+        (scratch / d).mkdir()
+    params = parse_params([("lowerdir", str(scratch / "lower")),
+                           ("upperdir", str(scratch / "upper")),
+                           ("workdir", str(scratch / "work"))], lambda _: None)
+    return OverlayFs(Superblock.mount(params, str(scratch / "mnt"))), scratch / "upper"
+
+
+def run_inline(s: NativeSession, data: bytes) -> None:
+    """Dispatch one request and run its handler to completion, as the session's reader
+    does; one that suspends is not what this tool measures."""
+    coro = s._dispatch(data)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("the handler suspended: not a request the reader runs inline")
+
+
+def dispatch_loop(s: NativeSession, datas: tuple[bytes, ...], n: int) -> float:
+    """Seconds for ``n`` rounds of dispatching ``datas``."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for data in datas:
+            run_inline(s, data)
+    return time.perf_counter() - t0
+
+
+class Maker:
+    """CREATE (and RELEASE) or MKDIR of a new name in directory ``parent``, timed; then,
+    untimed, the object removed again by the filesystem itself and its inode forgotten,
+    so that every round makes a new object in the same small directory."""
+
+    def __init__(self, s: NativeSession, parent: int, kind: str) -> None:
+        self.s, self.parent, self.kind = s, parent, kind
+        self.replies: list[bytes] = []
+        send = s.reply
+
+        def reply(unique: int, *payload: bytes | bytearray | memoryview) -> bool:
+            self.replies.append(b"".join(bytes(p) for p in payload))
+            return send(unique, *payload)
+        s.reply = reply  # type: ignore[method-assign]
+
+    def loop(self, n: int) -> float:
+        s, name = self.s, b"made"
+        if self.kind == "create":
+            body = abi.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o100644, 0, 0)
+            make = request(abi.Op.CREATE, self.parent, body + name + b"\0")
+        else:
+            make = request(abi.Op.MKDIR, self.parent, abi.MKDIR_IN.pack(0o40755, 0)
+                           + name + b"\0")
+        spent = 0.0
+        for _ in range(n):
+            self.replies.clear()
+            t0 = time.perf_counter()
+            run_inline(s, make)
+            if self.kind == "create":
+                (fh,) = struct.unpack_from("=Q", self.replies[-1], abi.ENTRY_OUT_SIZE)
+                run_inline(s, request(abi.Op.RELEASE, 0, abi.RELEASE_IN.pack(fh, 0, 0, 0)))
+            spent += time.perf_counter() - t0
+            (ino,) = struct.unpack_from("=Q", self.replies[0])
+            op = abi.Op.UNLINK if self.kind == "create" else abi.Op.RMDIR
+            run_inline(s, request(op, self.parent, name + b"\0"))
+            run_inline(s, request(abi.Op.FORGET, ino, struct.pack("=Q", 1)))
+        return spent
+
+
+async def measure(kind: str, n: int, ops: list[str], profile: str | None,
+                  where: str) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="reqcost-", dir=where))
+    try:
+        fs, tree = make_fs(kind, scratch)
+        (tree / "x").write_bytes(b"")
+        (tree / "y").write_bytes(b"")
+        (tree / "d").mkdir()
+        for i in range(3):
+            (tree / "d" / f"f{i}").write_bytes(b"")
+        s = NativeSession(fs)
+        s.fd = os.open(os.devnull, os.O_WRONLY)
+        s.flags = abi.HANDLE_KILLPRIV_V2
+        s.handleless_dirs = fs.handleless_dirs and fs.cache_dirs  # as INIT decides
+        fs.node_ids = fs.bare_dots = True  # what the native session's INIT sets
+        fs.init()
+        x = (await fs.lookup(ROOT_INO, b"x", None)).ino
+        d = (await fs.lookup(ROOT_INO, b"d", None)).ino
+        for i in range(3):
+            await fs.lookup(d, b"f%d" % i, None)
+        y = (await fs.lookup(ROOT_INO, b"y", None)).ino
+        await fs.forget([(y, 1)])
+        dfd = os.open(tree / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            end = list(getdents.iter_from(dfd, 0))[-1].next_off
+        finally:
+            os.close(dfd)
+        listing = abi.READ_IN.pack(0, 0, 4096, 0, 0, 0, 0)
+        reqs: dict[str, tuple[bytes, ...]] = {
+            "getattr": (request(abi.Op.GETATTR, x, abi.GETATTR_IN.pack(0, 0, 0)),),
+            "lookup": (request(abi.Op.LOOKUP, ROOT_INO, b"x\0"),),
+            "lookup-enoent": (request(abi.Op.LOOKUP, ROOT_INO, b"absent\0"),),
+            "lookup-enoent-sub": (request(abi.Op.LOOKUP, d, b"absent\0"),),
+            "setattr-mode": (request(abi.Op.SETATTR, x,
+                                     setattr_body(abi.FATTR_MODE, mode=0o100644)),),
+            "setattr-chown": (request(abi.Op.SETATTR, x,
+                                      setattr_body(abi.FATTR_UID | abi.FATTR_GID)),),
+            "setattr-times": (request(abi.Op.SETATTR, x,
+                                      setattr_body(abi.FATTR_ATIME | abi.FATTR_MTIME,
+                                                   atime=5, mtime=6)),),
+            "getxattr": (request(abi.Op.GETXATTR, x, abi.GETXATTR_IN.pack(0, 0)
+                                 + b"security.capability\0"),),
+            "readdirplus": (request(abi.Op.READDIRPLUS, d, listing),),
+            "readdirplus-eof": (request(abi.Op.READDIRPLUS, d,
+                                        abi.READ_IN.pack(0, end, 4096, 0, 0, 0, 0)),),
+            # y is made again by each lookup (a new inode number each time for overlay
+            # would break the FORGET: both filesystems reuse y's number for its key).
+            "lookup-forget": (request(abi.Op.LOOKUP, ROOT_INO, b"y\0"),
+                              request(abi.Op.FORGET, y, struct.pack("=Q", 1))),
+        }
+        print(f"{kind}: µs per request in the daemon's Python (no kernel transport), "
+              f"{n:,} each, best of 3")
+        for op in ops:
+            if op in ("create", "mkdir"):
+                loop: Callable[[int], float] = Maker(s, d, op).loop
+            else:
+                datas = reqs[op]
+                loop = functools.partial(dispatch_loop, s, datas)
+            loop(max(1, n // 10))  # warm-up
+            best = min(loop(n) for _ in range(3))
+            print(f"  {op:16s} {1e6 * best / n:7.2f}", flush=True)
+            if op == profile:
+                prof = cProfile.Profile()
+                prof.runcall(loop, n)
+                pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        os.close(s.fd)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reqcost.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fs", choices=("passthru", "overlay"), default="passthru")
+    p.add_argument("--n", type=int, default=20_000, help="requests per kind (default 20000)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    p.add_argument("--profile", metavar="OP", help="also run OP under cProfile")
+    p.add_argument("--dir", default="/dev/shm",
+                   help="where the scratch tree goes (default /dev/shm: a tmpfs, whose "
+                        "speed does not drift the way ext4's creates do after many "
+                        "unlinks)")
+    args = p.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in ops if o not in OPS] + (
+        [args.profile] if args.profile and args.profile not in OPS else [])
+    if unknown:
+        print(f"reqcost: unknown request kind {unknown[0]!r}; known: {', '.join(OPS)}",
+              file=sys.stderr)
+        return 2
+    if args.n < 1:
+        print("reqcost: --n must be at least 1", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.dir):
+        print(f"reqcost: --dir {args.dir}: not a directory", file=sys.stderr)
+        return 2
+    trio.run(measure, args.fs, args.n, ops, args.profile, args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
