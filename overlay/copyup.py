@@ -11,7 +11,8 @@
    kept; only the first ``size`` bytes when a truncate asked for it), fsync unless the
    mount does not sync, then xattrs (all but overlay-private ones; EOPNOTSUPP skipped
    only for names outside security.* and system.*), our origin record, owner, mode (after
-   chown, which clears set-id bits), atime/mtime;
+   chown, which clears set-id bits), atime/mtime, and security.capability once more
+   (chown removed it; the kernel's copy-up sets the owner without ATTR_KILL_PRIV);
 4. ``renameat2(work/#TMP, parent_upper/NAME, RENAME_NOREPLACE)``: the copy appears whole or
    not at all, and a crash leaves junk only in work/ (emptied at mount);
 5. the parent's atime/mtime are put back; the inode's ``upper`` is set.
@@ -49,6 +50,7 @@ import trio
 from backingfs import xattrs as bxattrs
 from backingfs.copyfile import copy_data
 from backingfs.pressure import PRESSURE
+from backingfs.privs import CAPABILITY_XATTR
 from backingfs.sync import fsync_queued
 from backingfs.syscalls import RENAME_NOREPLACE, open_path, renameat2, reopen, utimens
 
@@ -253,8 +255,8 @@ def _publish(sb: Superblock, copy: _Copy, parent_fd: int, name: bytes, src_fd: i
     fd = open_path(copy.work, copy.tmp)
     try:
         owners = sb.owners
-        copy_xattrs(src_fd, fd, sb.prefix,
-                    skip=owners.private_names if owners is not None else frozenset())
+        caps = copy_xattrs(src_fd, fd, sb.prefix,
+                           skip=owners.private_names if owners is not None else frozenset())
         if origin is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             bxattrs.fsetxattr(fd, oxattrs.origin_name(sb.prefix), b"%d" % origin)
         if owners is None:
@@ -264,6 +266,11 @@ def _publish(sb: Superblock, copy: _Copy, parent_fd: int, name: bytes, src_fd: i
             owners.set_owner(fd, owner.uid, owner.gid,
                              None if stat.S_ISLNK(st.st_mode) else owner.perm, os.fstat(fd))
             utimens(fd, st.st_atime_ns, st.st_mtime_ns)
+        if caps is not None:
+            # chown(2) removed it (the kernel's chown_common asks for ATTR_KILL_PRIV); the
+            # kernel's copy-up sets the owner by notify_change without it, so the copy keeps
+            # the file capability of the lower file.
+            bxattrs.fsetxattr(fd, CAPABILITY_XATTR, caps)
         renameat2(copy.work, copy.tmp, parent_fd, name, RENAME_NOREPLACE)
     except BaseException:
         os.close(fd)
@@ -284,14 +291,16 @@ def _discard(copy: _Copy) -> None:
 
 
 def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes,
-                skip: frozenset[bytes] = frozenset()) -> None:
+                skip: frozenset[bytes] = frozenset()) -> bytes | None:
     """Every xattr of ``src_fd`` but overlay-private ones and ``skip`` onto ``dst_fd``
-    (O_PATH fds)."""
+    (O_PATH fds). Returns the security.capability value copied, if any: a chown of the
+    copy afterwards removes it, and the caller puts it back."""
+    caps = None
     try:
         names = bxattrs.flistxattr(src_fd)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
+            return None
         raise
     for name in names:
         if not oxattrs.is_copied_up(name, prefix) or name in skip:
@@ -309,6 +318,9 @@ def copy_xattrs(src_fd: int, dst_fd: int, prefix: bytes,
                     and not name.startswith(_MANDATORY_XATTRS)):
                 continue
             raise
+        if name == CAPABILITY_XATTR:
+            caps = value
+    return caps
 
 
 def copy_owner_mode_times(fd: int, st: os.stat_result) -> None:

@@ -91,6 +91,50 @@ def test_setattr_and_xattr_changes_copy_up(ovl: OvlLayers, op: str) -> None:
     assert ovl.work_entries() == []
 
 
+#: security.capability of `setcap cap_net_raw=ep` (VFS_CAP_REVISION_2).
+CAPS = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+@pytest.mark.parametrize("op", ["chmod", "utime", "setxattr", "rename", "link", "open_w",
+                                "chown", "truncate_same_size"])
+def test_file_capability_survives_a_copy_up_that_changes_no_data(
+        ovl: OvlLayers, op: str) -> None:
+    """The kernel's copy-up sets the owner without ATTR_KILL_PRIV: the copy keeps the lower
+    file's security.capability. Only a change of the data or owner through the mount
+    (chown, truncate, write) removes it then, as on any filesystem; that removal used to
+    copy up first, lose the xattr to the copy-up's chown, and fail with ENODATA."""
+    lower_file(ovl)
+    os.setxattr(ovl.lower1 / "f", "security.capability", CAPS)
+    (ovl.lower1 / "d").mkdir()
+    mnt = ovl.mount()
+    p, name = mnt / "f", "f"
+    if op == "chmod":
+        os.chmod(p, 0o750)
+    elif op == "utime":
+        os.utime(p, ns=(T_ATIME, T_ATIME))
+    elif op == "setxattr":
+        os.setxattr(p, "user.new", b"n")
+    elif op == "rename":
+        os.rename(p, mnt / "d" / "g")
+        name = "d/g"
+    elif op == "link":
+        os.link(p, mnt / "d" / "g")
+    elif op == "open_w":
+        os.close(os.open(p, os.O_WRONLY))
+    elif op == "chown":
+        os.chown(p, 42, 43)
+    else:
+        os.truncate(p, len(b"lower data"))
+    up = ovl.upper / name
+    assert up.exists()
+    expected = [] if op in ("chown", "truncate_same_size") else ["security.capability"]
+    assert [x for x in os.listxattr(up) if x.startswith("security.")] == expected
+    assert [x for x in os.listxattr(mnt / name) if x.startswith("security.")] == expected
+    if op == "chown":
+        assert (os.stat(up).st_uid, os.stat(up).st_gid) == (42, 43)
+    assert ovl.work_entries() == []
+
+
 def test_parents_copied_first_and_parent_times_kept(ovl: OvlLayers) -> None:
     (ovl.lower1 / "a" / "b").mkdir(parents=True)
     lower_file(ovl, "a/b/f")
