@@ -197,9 +197,15 @@ class Worker(threading.Thread):
         self.held.append(fd)
 
     def trim(self) -> None:
-        """Between ops: close held fds beyond MAX_HELD, oldest first."""
+        """Between ops: close held fds beyond MAX_HELD, oldest first. close(2) may fail
+        and still close the fd: under the writeback cache it reports a failed flush of
+        dirty pages (a write the backing file refused, e.g. EFBIG at 2**62, comes back as
+        EIO here); counted like any op's errno."""
         while len(self.held) > self.MAX_HELD:
-            os.close(self.held.pop(0))
+            try:
+                os.close(self.held.pop(0))
+            except OSError as e:
+                self.errnos[e.errno or 0] += 1
 
     def run(self) -> None:
         names = list(OPS)

@@ -5,13 +5,17 @@ with a stack dump) or dies, tearing the mount down either way.
 
 from __future__ import annotations
 
+import errno
+import importlib.util
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from backingfs.testing import REPO_ROOT, fuse_unavailable
+from backingfs.testing import REPO_ROOT, cli_argv, cli_env, fuse_unavailable
 
 FUZZ = str(Path(REPO_ROOT) / "tools" / "fuzz.py")
 
@@ -69,3 +73,38 @@ def test_watchdog_reports_a_dead_daemon(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_fuzz(tmp_path, "--targets", "native").returncode == 2
     assert run_fuzz(tmp_path, "--targets", "passthru", "--duration", "0").returncode == 2
+
+
+def load_fuzz():
+    spec = importlib.util.spec_from_file_location("backingfs_tools_fuzz", FUZZ)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(60)
+def test_worker_counts_a_failed_close_under_writeback(tmp_path: Path, daemons) -> None:
+    """Under the writeback cache a write the backing file refuses (EFBIG at 2**62 on
+    ext4/tmpfs) is taken into the page cache and its failure comes back from close(2) as
+    EIO. A worker closing its held fds between ops counts that errno like any op's: it
+    used to die with the OSError (every writeback fuzz run failed with 'crashed')."""
+    source, mnt = tmp_path / "source", tmp_path / "mnt"
+    source.mkdir()
+    mnt.mkdir()
+    (source / "f").write_bytes(b"hello")
+    mount = daemons.start(cli_argv("passthru", "-f", "-o", "allow_other,writeback",
+                                   str(source), str(mnt)), mnt, env=cli_env())
+    fuzz = load_fuzz()
+    pool = fuzz.Pool.build(os.fsencode(mnt))
+    w = fuzz.Worker(0, pool, 1, threading.Event(), threading.Event())
+    w.MAX_HELD = 0
+    fd = os.open(mnt / "f", os.O_RDWR)
+    assert os.pwrite(fd, b"x", 1 << 62) == 1   # cached: the kernel checks no backing limit
+    w.hold(fd)
+    w.trim()   # close(2) -> EIO: counted, not raised
+    assert w.held == []
+    assert w.errnos[errno.EIO] == 1
+    assert w.crash is None
+    mount.unmount_clean()
