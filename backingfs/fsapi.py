@@ -151,7 +151,8 @@ class Filesystem:
 
     #: Ask the kernel for its writeback cache (FUSE_CAP_WRITEBACK_CACHE).
     enable_writeback_cache: bool = False
-    #: Let the kernel enforce POSIX ACLs (FUSE_CAP_POSIX_ACL).
+    #: Let the kernel enforce POSIX ACLs (FUSE_CAP_POSIX_ACL). Inheriting a directory's
+    #: default ACL stays the filesystem's job: see ``dont_mask``.
     enable_acl: bool = False
     #: Let the kernel keep directory listings in its page cache across opens (native
     #: session: FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE on OPENDIR). It drops them when the
@@ -178,6 +179,12 @@ class Filesystem:
     #: them), so their attributes and references were work thrown away on every listing.
     #: pyfuse3 cannot send a bare entry.
     bare_dots: bool = False
+    #: Set by the front-end before ``init``: the kernel leaves the umask to us
+    #: (FUSE_DONT_MASK, asked for with ``enable_acl``): the modes of mknod, mkdir and
+    #: create come unmasked, with ``Caller.umask``, which applies only where the parent
+    #: directory has no default ACL (``backingfs.acl``). Otherwise the kernel has applied
+    #: it already, and applying it again changes nothing.
+    dont_mask: bool = False
     #: Set by the front-end before ``init``: how to tell the kernel that a cached entry or
     #: inode changed behind its back (``notify.Notifier``); None outside a session.
     notifier: Notifier | None = None

@@ -200,6 +200,9 @@ FORGET_ONE = struct.Struct("=QQ")
 FSYNC_IN = struct.Struct("=QII")
 SETXATTR_IN = struct.Struct("=II")               # size flags
 SETXATTR_IN_EXT = struct.Struct("=IIII")         # size flags setxattr_flags padding
+#: setxattr_flags of SETXATTR_IN_EXT: the caller may not keep S_ISGID (not in the group,
+#: no CAP_FSETID) while setting an access ACL: clear it, as posix_acl_update_mode does.
+SETXATTR_ACL_KILL_SGID = 1 << 0
 GETXATTR_IN = struct.Struct("=II")               # size padding
 GETXATTR_OUT = struct.Struct("=II")
 ACCESS_IN = struct.Struct("=II")

@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -182,7 +183,9 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
     if fs.enable_writeback_cache:
         want |= abi.WRITEBACK_CACHE
     if fs.enable_acl:
-        want |= abi.POSIX_ACL
+        # The kernel then checks ACLs; inheriting default ACLs is ours, and needs the
+        # umask unapplied (fsapi dont_mask); SETXATTR_EXT carries ACL_KILL_SGID.
+        want |= abi.POSIX_ACL | abi.DONT_MASK | abi.SETXATTR_EXT
     passthrough = False
     if s.passthrough_mode != "off":
         why = None
@@ -205,6 +208,7 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
     fs.passthrough = passthrough
     fs.node_ids = True
     fs.bare_dots = True
+    fs.dont_mask = bool(got & abi.DONT_MASK)
     log.debug("INIT: kernel %d.%d offers %s; using %s", major, minor, abi.flag_names(offered),
               abi.flag_names(got))
     if passthrough:
@@ -637,8 +641,14 @@ def _count_plus_entries(buf: bytearray, into: Counter[int]) -> None:
 
 @handler(abi.Op.SETXATTR, fails_whole=True)
 async def setxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
-    st = abi.SETXATTR_IN_EXT if s.flags & abi.SETXATTR_EXT else abi.SETXATTR_IN
-    size, flags = abi.SETXATTR_IN.unpack_from(data, ARGS)
+    kill_sgid = False
+    if s.flags & abi.SETXATTR_EXT:
+        st = abi.SETXATTR_IN_EXT
+        size, flags, xflags, _ = st.unpack_from(data, ARGS)
+        kill_sgid = bool(xflags & abi.SETXATTR_ACL_KILL_SGID)
+    else:
+        st = abi.SETXATTR_IN
+        size, flags = st.unpack_from(data, ARGS)
     start = ARGS + st.size
     end = data.index(b"\0", start)
     name, value = data[start:end], data[end + 1:end + 1 + size]
@@ -658,7 +668,18 @@ async def setxattr(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
         if flags & XATTR_REPLACE and not exists:
             raise OSError(errno.ENODATA, "no such xattr")
     await s.fs.setxattr(nodeid, name, value, caller)
+    if kill_sgid:
+        await _kill_sgid(s, nodeid, caller)
     s.reply(unique)
+
+
+async def _kill_sgid(s: NativeSession, nodeid: int, caller: Caller) -> None:
+    """After an access ACL set by a caller outside the group: drop S_ISGID, which the
+    backing filesystem kept (the daemon may keep it) and the kernel would have dropped."""
+    attr = (await s.fs.getattr(nodeid, caller)).attr
+    if attr.st_mode & stat.S_ISGID:
+        await s.fs.setattr(nodeid, SetattrRequest(mode=stat.S_IMODE(attr.st_mode)
+                                                  & ~stat.S_ISGID), None, caller)
 
 
 def _sized(s: NativeSession, unique: int, value: bytes, size: int) -> None:

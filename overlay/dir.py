@@ -29,6 +29,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
+from backingfs import acl
 from backingfs import xattrs as bxattrs
 from backingfs.creds import caller_groups, chown_new, new_mode, new_owner
 from backingfs.fsapi import RENAME_EXCHANGE, RENAME_NOREPLACE, Caller, Entry, OpenReply
@@ -91,9 +92,12 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
         else owners.groups_in(caller_groups(caller.pid)))
     final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
                           caller.uid == 0, apply_umask=False)
+    acls = None
+    if sb.dont_mask and kind in (KIND_REG, KIND_DIR, KIND_NODE):
+        final_mode, acls = _inherit(parent_fd, final_mode, caller.umask, is_dir)
     src_fd = link_src.upper if link_src is not None else None
     path_fd, made_st = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid,
-                                  gid, over_whiteout, src_fd, keep_open)
+                                  gid, over_whiteout, src_fd, keep_open, acls)
     if path_fd is not None:
         # What a resolve would find now, known without asking: an upper object, ours, with
         # no origin record; a directory with nothing merged below (a lower one of that name
@@ -116,13 +120,29 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     return adopt(sb, parent, name, res)
 
 
+def _inherit(parent_fd: int, mode: int, umask: int, is_dir: bool
+             ) -> tuple[int, tuple[bytes | None, bytes | None] | None]:
+    """The mode of a new object in the upper directory ``parent_fd`` when the kernel left
+    the umask to us, and the (access, default) ACL xattrs it inherits, if any: the
+    kernel's ``posix_acl_create`` (backingfs.acl). Made in place, the upper filesystem
+    inherits them itself; made in the work directory, ``_make_sync`` sets them."""
+    dacl = acl.default_acl(parent_fd)
+    if dacl is None:
+        return mode & ~(umask & 0o777), None
+    mode, access, default = acl.inherit(dacl, mode, is_dir)
+    return mode, (access, default)
+
+
 def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int, rdev: int,
                target: bytes, uid: int, gid: int, over_whiteout: bool,
                src_fd: int | None, keep_open: tuple[int, list[int]] | None = None,
+               acls: tuple[bytes | None, bytes | None] | None = None,
                ) -> tuple[int | None, os.stat_result]:
     """Make the object; returns its stat (what a failure later takes back, whatever the
     name holds by then) and its O_PATH fd, or None (a hard link, whose identity is its
-    source's; or the name no longer holds what we made): the caller resolves the name."""
+    source's; or the name no longer holds what we made): the caller resolves the name.
+    ``acls``: the (access, default) ACL xattrs it inherits from ``parent_fd`` (``_inherit``),
+    set here when it is made in the work directory, which has none to inherit."""
     # resolve() reports an upper .wh.NAME as a whiteout: only then can one be there.
     aufs = over_whiteout and wo.has_aufs_whiteout(parent_fd, name)
     entry_whiteout = over_whiteout and not aufs  # an object sits at ``name`` on the upper
@@ -145,6 +165,10 @@ def _make_sync(sb: Superblock, parent_fd: int, name: bytes, kind: str, mode: int
         assert src_fd is not None
         os.link(proc_path(src_fd), nm, dst_dir_fd=dir_fd, follow_symlinks=True)
     try:
+        if in_work and acls is not None:
+            for xname, value in zip((acl.ACCESS, acl.DEFAULT), acls, strict=True):
+                if value is not None:
+                    bxattrs.setxattrat(dir_fd, nm, xname, value)
         # SHARE: same as passthru/dir.py:give_owner (new object -> caller's uid/gid, then the
         # final mode, since chown clears set-id bits).
         if kind != KIND_LINK:

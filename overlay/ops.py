@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+from backingfs import acl
 from backingfs.attrs import Attr
 from backingfs.fsapi import (
     Caller,
@@ -37,9 +38,11 @@ class OverlayFs(Filesystem):
     def __init__(self, sb: Superblock) -> None:
         self.sb = sb
         self.enable_writeback_cache = sb.params.writeback
-        # ACL xattrs pass through as plain xattrs; the kernel's ACL enforcement
-        # (FUSE_POSIX_ACL) is not asked for yet, with or without noacl.
-        self.enable_acl = False
+        # The kernel enforces the layers' POSIX ACLs (FUSE_POSIX_ACL), which pass through
+        # as xattrs and are copied up; new objects inherit default ACLs (dir._make).
+        # noacl, or a layer without ACLs: mode bits only, as fuse-overlayfs.
+        self.enable_acl = not sb.params.noacl and all(
+            acl.supported(layer.fd) for layer in sb.layers.all())
         # Changes reach the merged directories only through the mount (lower layers
         # changing underneath are undefined, as for keep_cache), unless timeout=0.
         self.cache_dirs = sb.params.timeout > 0
@@ -69,6 +72,7 @@ class OverlayFs(Filesystem):
         self.sb.lower_passthrough = self.sb.params.lower_passthrough and self.passthrough
         self.sb.node_ids = self.node_ids
         self.sb.bare_dots = self.bare_dots
+        self.sb.dont_mask = self.dont_mask
         # Most inodes hold one fd (a merged directory one per layer it is in, but they are
         # few); a lookup that meets EMFILE anyway prunes and retries (native_ops).
         self.sb.inodes.enable_pruning(self.sb.notifier)

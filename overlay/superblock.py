@@ -90,6 +90,9 @@ class Superblock:
         self.node_ids = False
         #: Dots may be listed bare (ops.init; fsapi.Filesystem.bare_dots).
         self.bare_dots = False
+        #: Modes of new objects come without the umask applied (ops.init;
+        #: fsapi.Filesystem.dont_mask): dir._make applies it, or the default ACL.
+        self.dont_mask = False
         # FLUSH is served only when the upper layer's close(2) can report errors (file.flush).
         self.flush_closes = layers.upper is not None and close_reports_errors(layers.upper.fd)
         root = OvlInode.make_root(layers)

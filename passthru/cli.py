@@ -33,6 +33,8 @@ Mirror the directory SOURCE at MOUNTPOINT.
   -o OPTS     cache=never|auto|always   kernel caching (default auto)
               writeback | nowriteback   kernel writeback cache (default nowriteback)
               timeout=SEC               entry/attr timeout, overriding the cache mode
+              acl | noacl               enforce SOURCE's POSIX ACLs, inherit default
+                                        ACLs (default acl; noacl: mode bits only)
               and FUSE options: allow_other, ro, fsname=..., ...
 """
 

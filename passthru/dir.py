@@ -5,11 +5,14 @@ following a final symlink), so nothing is created or removed outside SOURCE.
 
 Ownership and mode of new objects: the daemon creates them as root, then gives them the
 caller's owner (``creds.new_owner``: the caller's uid, and the parent's gid under a setgid
-parent). The kernel has already applied the caller's umask and ``mode_strip_sgid`` to the
-requested mode (passthru does not negotiate FUSE_DONT_MASK), and the daemon runs with
-umask 0 (``PassthruFs.init``), so the mode given to the syscall is the final one. A chown
-of a non-directory clears S_ISUID/S_ISGID, so those bits are set again after it. A caller
-with the daemon's own uid and gid needs no chown at all (the fast path).
+parent). The kernel has already applied ``mode_strip_sgid`` to the requested mode, and the
+caller's umask too unless the session negotiated FUSE_DONT_MASK (``fs.dont_mask``, with
+ACLs on): the umask is then applied here, only where the SOURCE directory has no default
+ACL (``acl.create_mode``). The daemon runs with umask 0 (``PassthruFs.init``), so SOURCE's
+filesystem gives the new object that mode, or inherits the default ACL onto it as it would
+for a local caller. A chown of a non-directory clears S_ISUID/S_ISGID, so those bits are
+set again after it, on the permissions the object was given. A caller with the daemon's
+own uid and gid needs no chown at all (the fast path).
 
 These syscalls run inline on the trio loop: on a local filesystem they touch cached
 metadata only, and a thread hop per call would cost more than the call.
@@ -22,7 +25,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from backingfs import creds, syscalls
+from backingfs import acl, creds, syscalls
 from backingfs.fsapi import RENAME_EXCHANGE, RENAME_NOREPLACE, Caller, Entry
 
 from .inode import PassthruInode, install, make_entry
@@ -49,10 +52,19 @@ def give_owner(fs: PassthruFs, parent: PassthruInode, target: int | str, mode: i
     else:
         os.chown(target, uid, gid)  # /proc/self/fd/N: followed to the object itself
     if mode is not None and mode & _SETID and not stat.S_ISDIR(mode):
+        # The permissions it was made with (a default ACL may have cut them), not the
+        # requested ones: a chmod to those would widen the ACL mask again.
         if isinstance(target, int):
-            os.fchmod(target, stat.S_IMODE(mode))
+            os.fchmod(target, (os.fstat(target).st_mode & 0o777) | (mode & _SETID))
         else:
-            os.chmod(target, stat.S_IMODE(mode))
+            os.chmod(target, (os.stat(target).st_mode & 0o777) | (mode & _SETID))
+
+
+def made_mode(fs: PassthruFs, parent: PassthruInode, mode: int, caller: Caller) -> int:
+    """The mode to make a new object in ``parent`` with (see the module docstring)."""
+    if not fs.dont_mask:
+        return mode
+    return acl.create_mode(parent.fd, mode, caller.umask)
 
 
 def _finish(fs: PassthruFs, parent: PassthruInode, name: bytes, mode: int | None,
@@ -89,6 +101,7 @@ async def mknod(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, rdev: i
     syscalls.check_name(name)
     if stat.S_IFMT(mode) == 0:
         mode |= stat.S_IFREG
+    mode = made_mode(fs, parent, mode, caller)
     os.mknod(name, mode, rdev, dir_fd=parent.fd)
     return _finish(fs, parent, name, mode, caller, remove=True)
 
@@ -97,6 +110,7 @@ async def mkdir(fs: PassthruFs, parent_ino: int, name: bytes, mode: int,
                 caller: Caller) -> Entry:
     parent = fs.live(parent_ino)
     syscalls.check_name(name)
+    mode = made_mode(fs, parent, mode, caller)
     os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
     return _finish(fs, parent, name, stat.S_IFDIR | stat.S_IMODE(mode), caller, remove=True)
 

@@ -39,7 +39,7 @@ from backingfs.handles import Handle
 from backingfs.request import Request
 from backingfs.sync import fsync_queued
 
-from .dir import give_owner
+from .dir import give_owner, made_mode
 from .inode import PassthruInode, install, make_entry
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags:
     syscalls.check_name(name)
     bflags, req_flags = backing_flags(fs, flags)
     bflags |= os.O_NOFOLLOW
+    mode = made_mode(fs, parent, mode, caller)
     try:
         fd = os.open(name, bflags | os.O_CREAT | os.O_EXCL, mode & 0o7777, dir_fd=parent.fd)
         created = True

@@ -1,4 +1,5 @@
-"""Params: passthru's option table (``cache=``, ``writeback``, ``timeout=``) and what it implies.
+"""Params: passthru's option table (``cache=``, ``writeback``, ``timeout=``, ``noacl``) and what
+it implies.
 
 The CLI splits ``-o`` tokens with ``backingfs.options.split_fuse_options``: libfuse's own
 options (allow_other, ro, fsname=, ...) pass through untouched, the rest come here. An
@@ -34,6 +35,9 @@ class Params:
     cache: str = "auto"
     writeback: bool = False
     timeout: float | None = None  # overrides the cache mode's timeouts
+    #: The kernel enforces SOURCE's POSIX ACLs and new objects inherit default ACLs
+    #: (``noacl``: mode bits only, ACL xattrs stored as any other).
+    acl: bool = True
 
     @property
     def entry_timeout(self) -> float:
@@ -58,6 +62,7 @@ def parse(options: Iterable[tuple[str, str | None]]) -> Params:
     cache = "auto"
     writeback = False
     timeout: float | None = None
+    acl = True
     for key, value in options:
         if key == "cache":
             if value not in CACHE_MODES:
@@ -68,12 +73,16 @@ def parse(options: Iterable[tuple[str, str | None]]) -> Params:
             if value is not None:
                 raise UsageError(f"option {key!r} takes no value")
             writeback = key == "writeback"
+        elif key in ("acl", "noacl"):
+            if value is not None:
+                raise UsageError(f"option {key!r} takes no value")
+            acl = key == "acl"
         elif key == "timeout":
             timeout = _seconds(value)
         else:
             shown = key if value is None else f"{key}={value}"
             raise UsageError(f"unknown option {shown!r}")
-    return Params(cache=cache, writeback=writeback, timeout=timeout)
+    return Params(cache=cache, writeback=writeback, timeout=timeout, acl=acl)
 
 
 def _seconds(value: str | None) -> float:

@@ -21,7 +21,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from backingfs import getdents
+from backingfs import acl, getdents
 from backingfs.context import BackingFileCtx
 from backingfs.flags import IocbFlags
 from backingfs.fsapi import (
@@ -72,6 +72,8 @@ class PassthruFs(Filesystem):
         self.handleless_dirs = self.cache_dirs and getdents.supported()
         self.writeback = self.params.writeback
         self.enable_writeback_cache = self.params.writeback
+        # Not on a SOURCE without ACLs: each inode would cost a GETXATTR for nothing.
+        self.enable_acl = self.params.acl and acl.supported(fd)
         self.workers = workers or default_workers()
         self.ctx = BackingFileCtx(
             end_write=file_ops.end_write,

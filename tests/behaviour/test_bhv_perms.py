@@ -6,6 +6,7 @@ supplementary groups, no capabilities. Its outcomes come back as errno names.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from backingfs import acl
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -244,3 +247,130 @@ attempt("write", write, {str(fs / "f")!r}, b"X")
 """)
     assert out == {"write": "ok"}
     assert stat.S_IMODE(os.stat(fs / "f").st_mode) == 0o767
+
+
+# --- POSIX ACLs ------------------------------------------------------------------------------
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    return acl.serialize(sorted(entries, key=lambda e: (e[0], e[2])))
+
+
+def _base_acl(user: int, group: int, other: int, *named: tuple[int, int, int],
+              mask: int | None = None) -> bytes:
+    entries = [(acl.USER_OBJ, user, 0xFFFFFFFF), (acl.GROUP_OBJ, group, 0xFFFFFFFF),
+               (acl.OTHER, other, 0xFFFFFFFF), *named]
+    if mask is not None:
+        entries.append((acl.MASK, mask, 0xFFFFFFFF))
+    return _acl(*entries)
+
+
+def test_acl_entries_decide_access_for_a_named_user(fs: Path) -> None:
+    """The kernel checks a named-user entry before the mode's other bits: it can deny
+    what the mode allows and grant what the mode denies."""
+    (fs / "denied").write_bytes(b"no")
+    os.chmod(fs / "denied", 0o644)
+    os.setxattr(fs / "denied", acl.ACCESS,
+                _base_acl(6, 4, 4, (acl.USER, 0, NOBODY), mask=4))
+    (fs / "granted").write_bytes(b"yes")
+    os.chmod(fs / "granted", 0o600)
+    os.setxattr(fs / "granted", acl.ACCESS,
+                _base_acl(6, 0, 0, (acl.USER, 4, NOBODY), mask=4))
+    os.mkdir(fs / "closed", 0o755)
+    (fs / "closed" / "f").write_bytes(b"inside")
+    os.setxattr(fs / "closed", acl.ACCESS,
+                _base_acl(7, 5, 5, (acl.USER, 0, NOBODY), mask=5))
+    assert stat.S_IMODE(os.stat(fs / "granted").st_mode) == 0o640  # group bits = the mask
+    out = as_nobody(f"""
+d = {str(fs)!r}
+attempt("read_denied", read, d + "/denied")
+attempt("read_granted", read, d + "/granted")
+attempt("write_granted", write, d + "/granted", b"x")
+attempt("list_closed", os.listdir, d + "/closed")
+attempt("stat_in_closed", os.stat, d + "/closed/f")
+out["access_denied"] = str(os.access(d + "/denied", os.R_OK))
+out["access_granted"] = str(os.access(d + "/granted", os.R_OK))
+""")
+    assert out == {"read_denied": "EACCES", "read_granted": "yes", "write_granted": "EACCES",
+                   "list_closed": "EACCES", "stat_in_closed": "EACCES",
+                   "access_denied": "False", "access_granted": "True"}
+    # Removing the entry gives the mode bits back their say.
+    os.removexattr(fs / "denied", acl.ACCESS)
+    assert as_nobody(f"attempt('read', read, {str(fs / 'denied')!r})") == {"read": "no"}
+
+
+_PYFUSE3_UMASK = ("libfuse 3.14 does not ask for FUSE_DONT_MASK, so the kernel applies the "
+                  "umask before the request reaches us, also under a default ACL, which "
+                  "then keeps only the bits the umask left (0640, not 0660)")
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_PYFUSE3_UMASK)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_PYFUSE3_UMASK)
+def test_default_acl_shapes_new_objects(fs: Path) -> None:
+    """posix_acl_create: under a default ACL the umask is ignored, the new object's mode
+    and access ACL are the default ACL cut down to the requested mode, and a new directory
+    inherits the default ACL itself. Elsewhere the umask applies as usual."""
+    default = _base_acl(7, 5, 0, (acl.USER, 7, NOBODY), mask=7)
+    os.mkdir(fs / "inherit")
+    os.setxattr(fs / "inherit", acl.DEFAULT, default)
+    old = os.umask(0o022)
+    try:
+        os.close(os.open(fs / "inherit" / "file", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(fs / "inherit" / "dir", 0o777)
+        os.mkfifo(fs / "inherit" / "fifo", 0o666)
+        os.close(os.open(fs / "inherit" / "private", os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(fs / "plain", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(fs / "plaindir", 0o777)
+    finally:
+        os.umask(old)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE(os.stat(fs / name).st_mode)
+
+    def xattr(name: str, key: bytes) -> list[tuple[int, int, int]] | None:
+        try:
+            return acl.parse(os.getxattr(fs / name, key))
+        except OSError as e:
+            assert e.errno == errno.ENODATA, e
+            return None
+
+    assert (mode("inherit/file"), mode("inherit/dir"), mode("inherit/fifo"),
+            mode("inherit/private"), mode("plain"), mode("plaindir")) == (
+        0o660, 0o770, 0o660, 0o600, 0o644, 0o755)
+    assert xattr("inherit/file", acl.ACCESS) == acl.parse(
+        _base_acl(6, 5, 0, (acl.USER, 7, NOBODY), mask=6))
+    assert xattr("inherit/private", acl.ACCESS) == acl.parse(
+        _base_acl(6, 5, 0, (acl.USER, 7, NOBODY), mask=0))
+    assert xattr("inherit/dir", acl.ACCESS) == acl.parse(
+        _base_acl(7, 5, 0, (acl.USER, 7, NOBODY), mask=7))
+    assert xattr("inherit/dir", acl.DEFAULT) == acl.parse(default)
+    assert xattr("inherit/file", acl.DEFAULT) is None
+    assert xattr("plain", acl.ACCESS) is None
+    # The inherited entry works: nobody may write the file the mode alone closes to it.
+    out = as_nobody(f"attempt('write', write, {str(fs / 'inherit' / 'file')!r}, b'x')")
+    assert out == {"write": "ok"}
+
+
+_PYFUSE3_KILL_SGID = ("libfuse 3.14 does not ask for FUSE_SETXATTR_EXT, so the kernel cannot "
+                      "tell us that the caller may not keep S_ISGID, and the backing "
+                      "filesystem keeps it for the daemon")
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_PYFUSE3_KILL_SGID)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_PYFUSE3_KILL_SGID)
+def test_acl_set_by_an_owner_outside_the_group_clears_setgid(fs: Path) -> None:
+    """posix_acl_update_mode: setting an access ACL drops S_ISGID when the caller is not
+    in the file's group (nor has CAP_FSETID), as a chmod would."""
+    os.mkdir(fs / "d", 0o777)
+    os.chmod(fs / "d", 0o777)
+    for name in ("f", "keep"):
+        (fs / "d" / name).write_bytes(b"x")
+        os.chown(fs / "d" / name, NOBODY, 0)
+        os.chmod(fs / "d" / name, 0o2775)
+    value = _base_acl(7, 7, 5, (acl.USER, 5, 0), mask=7)
+    out = as_nobody(f"""
+attempt("setacl", os.setxattr, {str(fs / "d" / "f")!r}, {acl.ACCESS!r}, {value!r})
+""")
+    assert out == {"setacl": "ok"}
+    assert stat.S_IMODE(os.stat(fs / "d" / "f").st_mode) == 0o775
+    os.setxattr(fs / "d" / "keep", acl.ACCESS, value)  # root may keep it
+    assert stat.S_IMODE(os.stat(fs / "d" / "keep").st_mode) == 0o2775

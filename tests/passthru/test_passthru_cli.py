@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from backingfs.testing import Mount, cli_argv, cli_env, find_daemon_pid, is_fuse_mounted
+from backingfs import acl
+from backingfs.testing import (
+    Mount,
+    cli_argv,
+    cli_env,
+    find_daemon_pid,
+    is_fuse_mounted,
+    start_daemon,
+)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -99,3 +110,37 @@ def test_background_returns_only_once_live(dirs: tuple[Path, Path]) -> None:
         if m.pid is None:
             m.pid = find_daemon_pid(str(mnt))
         m.force_cleanup()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv")
+@pytest.mark.parametrize("noacl", [False, True], ids=["acl", "noacl"])
+def test_noacl_leaves_the_mode_bits_in_charge(noacl: bool) -> None:
+    """SOURCE's ACLs are enforced by default (FUSE_POSIX_ACL); ``noacl`` turns that off."""
+    base = Path(tempfile.mkdtemp(prefix="bfs-acl-"))   # tmp_path's 0700 keeps nobody out
+    m: Mount | None = None
+    try:
+        os.chmod(base, 0o755)
+        source, mnt = base / "source", base / "mnt"
+        source.mkdir()
+        mnt.mkdir()
+        (source / "f").write_bytes(b"data")
+        os.chmod(source / "f", 0o644)
+        os.setxattr(source / "f", acl.ACCESS, acl.serialize([
+            (acl.USER_OBJ, 6, 0xFFFFFFFF), (acl.USER, 0, 65534),
+            (acl.GROUP_OBJ, 4, 0xFFFFFFFF), (acl.MASK, 4, 0xFFFFFFFF),
+            (acl.OTHER, 4, 0xFFFFFFFF)]))
+        opts = "allow_other,noacl" if noacl else "allow_other"
+        m = start_daemon(cli_argv("passthru", "-o", opts, str(source), str(mnt)), str(mnt),
+                         stderr_path=str(base / "daemon.stderr"))
+        m.wait_live(timeout=10)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "cat", str(mnt / "f")], capture_output=True, timeout=30)
+        assert (r.returncode == 0) is noacl, r.stderr
+        m.unmount_clean(timeout=20)
+    finally:
+        if m is not None:
+            m.force_cleanup()
+        if not is_fuse_mounted(str(base / "mnt")):
+            shutil.rmtree(base, ignore_errors=True)

@@ -30,7 +30,8 @@ def test_timeout_overrides_the_mode_and_later_options_win() -> None:
 
 @pytest.mark.parametrize("option", [("cache", "sometimes"), ("cache", None),
                                     ("timeout", "x"), ("timeout", "-1"), ("timeout", "inf"),
-                                    ("timeout", None), ("writeback", "1"), ("bogus", None)])
+                                    ("timeout", None), ("writeback", "1"), ("noacl", "1"),
+                                    ("bogus", None)])
 def test_bad_options(option: tuple[str, str | None]) -> None:
     with pytest.raises(UsageError):
         params.parse([option])
@@ -38,3 +39,9 @@ def test_bad_options(option: tuple[str, str | None]) -> None:
 
 def test_default_permissions_is_always_requested() -> None:
     assert "default_permissions" in params.DEFAULT_FUSE_OPTIONS
+
+
+def test_acl_is_on_unless_noacl() -> None:
+    assert params.parse([]).acl is True
+    assert params.parse([("noacl", None)]).acl is False
+    assert params.parse([("noacl", None), ("acl", None)]).acl is True
