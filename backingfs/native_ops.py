@@ -75,7 +75,9 @@ def handler(op: abi.Op, *, fails_whole: bool = False) -> Callable[[Handler], Han
     run again (fdpressure): no caller sees EMFILE while the kernel holds unused inodes.
     RENAME too: overlay makes an AUFS-form whiteout (the one step that takes an fd)
     before the rename itself, so a rename that failed moved nothing, and running it
-    again cannot copy the lower object up over the moved one."""
+    again cannot copy the lower object up over the moved one. And the I/O on a handle
+    (WRITE, FSYNC, FLUSH, FALLOCATE, LSEEK; READ on its own): the one fd they may take is
+    overlay's reopen of the upper copy after a copy-up, before any I/O."""
     def register(fn: Handler) -> Handler:
         HANDLERS[op] = _retried(fn) if fails_whole else fn
         return fn
@@ -461,12 +463,20 @@ async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
 async def read(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, size, _, _, _, _ = abi.READ_IN.unpack_from(data, ARGS)
     start = s.read_start
-    if start is None:
-        s.reply(unique, await s.fs.read(fh, off, size))
-        return
-    # No await: a read that queues is answered by its completion, and this handler returns
-    # without suspending (no task, no lock hand-over, no wake-up of a task).
-    got = start(fh, off, size, functools.partial(_read_done, s, unique))
+    try:
+        if start is None:
+            got = await s.fs.read(fh, off, size)
+        else:
+            # No await: a read that queues is answered by its completion, and this handler
+            # returns without suspending (no task, no lock hand-over, no wake-up of a task).
+            got = start(fh, off, size, functools.partial(_read_done, s, unique))
+    except OSError as e:
+        if e.errno not in fdpressure.NO_FDS:
+            raise
+        # A handle that reopens its file first (overlay's switch to the upper copy after a
+        # copy-up) met the fd limit: nothing was read, so wait for a prune, as fails_whole
+        # requests do. A read never answers EMFILE: the caller's fd is open.
+        got = await fdpressure.retry(s.fs.relieve_fds, lambda: s.fs.read(fh, off, size), e)
     if got is not None:
         s.reply(unique, got)
 
@@ -478,7 +488,7 @@ def _read_done(s: NativeSession, unique: int, result: memoryview | OSError) -> N
         s.reply(unique, result)
 
 
-@handler(abi.Op.WRITE)
+@handler(abi.Op.WRITE, fails_whole=True)
 async def write(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, size, write_flags, _, _, _ = abi.WRITE_IN.unpack_from(data, ARGS)
     if write_flags & abi.WRITE_KILL_SUIDGID:
@@ -488,20 +498,20 @@ async def write(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byte
     s.reply(unique, abi.WRITE_OUT.pack(n, 0))
 
 
-@handler(abi.Op.FALLOCATE)
+@handler(abi.Op.FALLOCATE, fails_whole=True)
 async def fallocate(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, length, mode, _ = abi.FALLOCATE_IN.unpack_from(data, ARGS)
     await s.fs.fallocate(fh, mode, off, length)
     s.reply(unique)
 
 
-@handler(abi.Op.LSEEK)
+@handler(abi.Op.LSEEK, fails_whole=True)
 async def lseek(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, whence, _ = abi.LSEEK_IN.unpack_from(data, ARGS)
     s.reply(unique, abi.LSEEK_OUT.pack(await s.fs.lseek(fh, off, whence)))
 
 
-@handler(abi.Op.FLUSH)
+@handler(abi.Op.FLUSH, fails_whole=True)
 async def flush(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, _, _, _ = abi.FLUSH_IN.unpack_from(data, ARGS)
     await s.fs.flush(fh)
@@ -518,7 +528,7 @@ async def release(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: by
     s.reply(unique)
 
 
-@handler(abi.Op.FSYNC)
+@handler(abi.Op.FSYNC, fails_whole=True)
 async def fsync(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, flags, _ = abi.FSYNC_IN.unpack_from(data, ARGS)
     await s.fs.fsync(fh, bool(flags & abi.FSYNC_FDATASYNC))

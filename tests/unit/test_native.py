@@ -742,3 +742,56 @@ def test_a_refused_backing_is_told_to_the_filesystem(sess: PipeSession) -> None:
     error, _, body = sess.take()
     assert error == 0 and abi.OPEN_OUT.unpack(body)[2] == 0   # no backing id
     assert sess.fs.declined == [10]
+
+
+class NoFdsOnceFs(FakeFs):
+    """Every handle I/O fails once with EMFILE (overlay's reopen of the upper copy at the
+    fd limit), then works; ``relieve_fds`` counts the prunes asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prunes = 0
+        self.failed: set[str] = set()
+
+    def relieve_fds(self) -> bool:
+        self.prunes += 1
+        return True
+
+    def _once(self, what: str) -> None:
+        if what not in self.failed:
+            self.failed.add(what)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    def read_start(self, fh: int, off: int, size: int, done: Any) -> memoryview | None:
+        self._once("read")
+        return memoryview(b"hello")[off:off + size]
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._once("read")
+        return b"hello"[off:off + size]
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        self._once("write")
+        return await super().write(fh, off, data)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._once("fsync")
+
+
+@pytest.mark.parametrize("callback", [True, False], ids=["read_start", "read"])
+def test_handle_io_at_the_fd_limit_waits_for_a_prune(callback: bool) -> None:
+    s = PipeSession(NoFdsOnceFs())
+    try:
+        s.read_start = s.fs.read_start if callback else None
+        trio.run(s._dispatch, request(abi.Op.READ, 2, abi.READ_IN.pack(10, 1, 3, 0, 0, 0, 0)))
+        assert s.take()[::2] == (0, b"ell")
+        trio.run(s._dispatch, request(abi.Op.WRITE, 2,
+                                      abi.WRITE_IN.pack(10, 0, 2, 0, 0, 0, 0) + b"hi"))
+        error, _, body = s.take()
+        assert error == 0 and abi.WRITE_OUT.unpack(body)[0] == 2
+        trio.run(s._dispatch, request(abi.Op.FSYNC, 2, abi.FSYNC_IN.pack(10, 0, 0)))
+        assert s.take()[0] == 0
+        assert s.fs.prunes == 3
+    finally:
+        os.close(s.rfd)
+        os.close(s.fd)
