@@ -43,7 +43,8 @@ Entry = tuple[int, int, int]  # (tag, perm, id)
 
 
 def parse(value: bytes) -> list[Entry]:
-    """The entries of an ACL xattr value. Raises OSError(EINVAL) on a malformed one."""
+    """The entries of an ACL xattr value. Raises OSError: EINVAL for a malformed value,
+    EOPNOTSUPP for another version than 2."""
     if len(value) < _HEADER.size or (len(value) - _HEADER.size) % _ENTRY.size:
         raise OSError(errno.EINVAL, "malformed ACL xattr")
     if _HEADER.unpack_from(value)[0] != VERSION:
