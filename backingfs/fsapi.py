@@ -6,7 +6,7 @@ native /dev/fuse session may adapt it to the kernel protocol directly, DESIGN §
 Contracts every implementation keeps:
 - Errors are ``OSError(errno, msg)``; the bridge turns them into replies. Any other
   exception is a bug: the bridge logs it with its traceback and answers EIO.
-- Every ``Entry`` returned (lookup, mknod, mkdir, symlink, link, create) and every
+- Every ``Entry`` returned (lookup, mknod, mkdir, symlink, link, create, tmpfile) and every
   ``DirEntry`` handed to a readdir ``reply`` carries **one lookup reference** on its inode,
   taken by the filesystem (``InodeTable.lookup``/``ref``), except a *bare* DirEntry
   (``bare=True``: name, d_ino and type only, for when no inode can be made, e.g. out of
@@ -249,6 +249,21 @@ class Filesystem:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      caller: Caller) -> tuple[OpenReply, Entry]:
+        raise _enosys()
+
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[OpenReply, Entry]:
+        """open(2) with O_TMPFILE in directory ``parent``: make an unnamed regular file and
+        open it, answered as ``create`` is (the entry carries one lookup reference; its
+        nlink is 0). ``flags`` are the open's, O_TMPFILE and O_EXCL included: without
+        O_EXCL a later link(2) of the file arrives as ``link`` of its ino and must publish
+        it; with O_EXCL the kernel refuses such a link itself (ENOENT, its I_LINKABLE
+        rule), and the backing file should be made unlinkable too. The file goes away
+        when its last open and lookup reference are gone.
+
+        Native session only (FUSE_TMPFILE, protocol 7.37; pyfuse3 has no handler). Not
+        implemented: ENOSYS, which the kernel remembers for the connection and answers
+        EOPNOTSUPP to every O_TMPFILE open from then on, without asking again."""
         raise _enosys()
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:

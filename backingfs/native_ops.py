@@ -5,11 +5,12 @@ Each handler is ``async (session, unique, nodeid, (uid, gid, pid), data)``; ``da
 whole request, its arguments at ``ARGS`` (no request extensions are negotiated). It replies
 itself (``session.reply``) or raises OSError, which the session turns into ``-errno``.
 
-Lookup references: an entry reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE) carries one
-reference taken by the filesystem; when the kernel did not take the reply (interrupted), it
-is forgotten again. READDIRPLUS works as in the bridge: every DirEntry but a bare one carries
-a reference, given back for entries that did not fit and for ``.``/``..`` (the kernel never
-counts those); a bare entry goes out with node id 0, and the kernel instantiates nothing.
+Lookup references: an entry reply (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK, CREATE, TMPFILE)
+carries one reference taken by the filesystem; when the kernel did not take the reply
+(interrupted), it is forgotten again. READDIRPLUS works as in the bridge: every DirEntry
+but a bare one carries a reference, given back for entries that did not fit and for
+``.``/``..`` (the kernel never counts those); a bare entry goes out with node id 0, and the
+kernel instantiates nothing.
 """
 
 from __future__ import annotations
@@ -447,6 +448,25 @@ async def create(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
     name = _name(data, ARGS + abi.CREATE_IN.size)
     reply, entry = await s.fs.create(nodeid, name, mode, flags, _caller(ids, umask))
+    await _reply_created(s, unique, reply, entry)
+
+
+@handler(abi.Op.TMPFILE, fails_whole=True)
+async def tmpfile(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    """O_TMPFILE in directory ``nodeid``: CREATE's arguments and reply, no name (the kernel
+    sends its placeholder "/", ignored). A filesystem without ``tmpfile`` answers ENOSYS,
+    after which the kernel gives EOPNOTSUPP without asking (``fc->no_tmpfile``). Retried
+    whole at the fd limit: a failed one leaves nothing, an unnamed file has no name to
+    take back."""
+    flags, mode, umask, _ = abi.CREATE_IN.unpack_from(data, ARGS)
+    reply, entry = await s.fs.tmpfile(nodeid, mode, flags, _caller(ids, umask))
+    await _reply_created(s, unique, reply, entry)
+
+
+async def _reply_created(s: NativeSession, unique: int, reply: OpenReply, entry: Entry) -> None:
+    """CREATE's and TMPFILE's reply: entry_out + open_out. When the kernel does not take
+    it (interrupted, or a backing file it refuses), the open is released and the entry's
+    lookup reference forgotten."""
     try:
         open_flags, backing_id = _open_flags(s, entry.ino, reply)
     except BackingMismatchError:

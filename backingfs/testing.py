@@ -234,11 +234,14 @@ def find_daemon_pid(marker: str) -> int | None:
 class TargetMount:
     """A started target. ``root`` is where tests work; ``data`` is the directory holding the
     same tree *behind* the mount (passthru's source, an overlay's lower layer), or None when a
-    tree must be written through ``root``. ``close()`` is always safe and idempotent."""
+    tree must be written through ``root``; ``upper`` is the directory behind the mount where
+    what is made through it lands (passthru's source, an overlay's upperdir), or None when
+    that is ``root`` itself. ``close()`` is always safe and idempotent."""
 
-    def __init__(self, root: Path, data: Path | None = None) -> None:
+    def __init__(self, root: Path, data: Path | None = None, upper: Path | None = None) -> None:
         self.root = root
         self.data = data
+        self.upper = upper
 
     def workdir(self, name: str, tree: dict[str, bytes | None] | None = None) -> Path:
         """A fresh directory ``name`` for one test, holding ``tree`` (``{"d/": None,
@@ -313,8 +316,9 @@ class NativeTarget(Target):
 class FuseTargetMount(TargetMount):
     """A target served by one of our daemons (a ``Mount`` we started)."""
 
-    def __init__(self, root: Path, data: Path | None, mount: Mount) -> None:
-        super().__init__(root, data)
+    def __init__(self, root: Path, data: Path | None, mount: Mount,
+                 upper: Path | None = None) -> None:
+        super().__init__(root, data, upper)
         self.mount = mount
         self.stderr_seen = 0
 
@@ -338,7 +342,8 @@ class FuseTargetMount(TargetMount):
 
 
 def start_fuse_target(argv: list[str], mountpoint: Path, root: Path | None = None,
-                      data: Path | None = None, timeout: float = 10.0) -> FuseTargetMount:
+                      data: Path | None = None, timeout: float = 10.0,
+                      upper: Path | None = None) -> FuseTargetMount:
     """Start a daemon from ``argv`` and wait for its mount; on failure nothing is left."""
     mount = start_daemon(argv, str(mountpoint))
     try:
@@ -346,7 +351,7 @@ def start_fuse_target(argv: list[str], mountpoint: Path, root: Path | None = Non
     except BaseException:
         mount.force_cleanup()
         raise
-    return FuseTargetMount(root or mountpoint, data, mount)
+    return FuseTargetMount(root or mountpoint, data, mount, upper)
 
 
 def fuse_unavailable() -> str | None:
@@ -376,7 +381,7 @@ class PassthruTarget(Target):
         mnt.mkdir()
         opts = ",".join(("allow_other", *self.options))
         return start_fuse_target(cli_argv("passthru", "-f", "-o", opts, str(source), str(mnt)),
-                                 mnt, data=source)
+                                 mnt, data=source, upper=source)
 
 
 class KernelOverlayTarget(Target):
@@ -397,7 +402,7 @@ class KernelOverlayTarget(Target):
         opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["mnt"])],
                        check=True, capture_output=True)
-        return KernelMount(dirs["mnt"])
+        return KernelMount(dirs["mnt"], upper=dirs["upper"])
 
 
 class KernelMount(TargetMount):
@@ -443,7 +448,7 @@ class OverlayTarget(Target):
                          *self.options))
         data = None if self.where == "upper" else d["lower"]
         return start_fuse_target(cli_argv("overlay", "-f", "-o", opts, str(d["mnt"])),
-                                 d["mnt"], data=data)
+                                 d["mnt"], data=data, upper=d["upper"])
 
 
 #: The front-end variants the battery also runs (the plain names use the default session,

@@ -13,7 +13,7 @@ Modules (one concept each, as fs/overlayfs/):
     entry.py      OvlInode: upper + lower backing objects of one inode, parent, locks
     namei.py      lookup through the layers: whiteouts, opaque dirs, persistent st_ino
     inode.py      getattr/setattr/access/readlink/xattrs/statfs, nlink, EROFS
-    dir.py        create/mknod/mkdir/symlink/link/unlink/rmdir/rename, whiteouts, opacity
+    dir.py        create/tmpfile/mknod/mkdir/symlink/link/unlink/rmdir/rename, whiteouts
     file.py       open/read/write/fsync/release via backingfs.rw; handles follow copy-up
     readdir.py    merged listing: upper first, whiteouts/opaque, stable offsets, d_ino
     copyup.py     copy-up in work/ + one rename; parents first; once per inode

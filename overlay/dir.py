@@ -1,4 +1,5 @@
-"""Namespace operations: create/mknod/mkdir/symlink/link/unlink/rmdir/rename, whiteouts.
+"""Namespace operations: create/tmpfile/mknod/mkdir/symlink/link/unlink/rmdir/rename,
+whiteouts.
 
 Every change happens on the upper layer, after the parent (and, for link and rename, the
 object) has been copied up (reference §B.3, §B.4, §B.10, the kernel's ``dir.c``):
@@ -79,22 +80,7 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
         await copy_up(sb, link_src)
     assert parent.upper is not None
     parent_fd = parent.upper
-    pst = os.fstat(parent_fd)
-    cuid, cgid = caller.uid, caller.gid
-    owners = sb.owners
-    if owners is not None:  # the caller's ids and the parent's owner as the layer keeps them
-        pst = owners.layer_stat(parent_fd, 0, pst)
-        cuid, cgid = owners.uid_in(cuid), owners.gid_in(cgid)
-    uid, gid = new_owner(cuid, cgid, pst)
-    is_dir = kind == KIND_DIR
-    in_group = cgid == pst.st_gid or pst.st_gid in (
-        caller_groups(caller.pid) if owners is None
-        else owners.groups_in(caller_groups(caller.pid)))
-    final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
-                          caller.uid == 0, apply_umask=False)
-    acls = None
-    if sb.dont_mask and kind in (KIND_REG, KIND_DIR, KIND_NODE):
-        final_mode, acls = _inherit(parent_fd, final_mode, caller.umask, is_dir)
+    uid, gid, final_mode, acls = _new_owner_mode(sb, parent_fd, caller, kind, mode)
     src_fd = link_src.upper if link_src is not None else None
     path_fd, made_st = _make_sync(sb, parent_fd, name, kind, final_mode, rdev, target, uid,
                                   gid, over_whiteout, src_fd, keep_open, acls)
@@ -118,6 +104,31 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
         res.close()
         raise OSError(errno.ENOENT, "created entry vanished", name)
     return adopt(sb, parent, name, res)
+
+
+def _new_owner_mode(sb: Superblock, parent_fd: int, caller: Caller, kind: str, mode: int
+                    ) -> tuple[int, int, int, tuple[bytes | None, bytes | None] | None]:
+    """``(uid, gid, mode, acls)`` of a new ``kind`` object in the upper directory
+    ``parent_fd``, as the layer keeps them: the caller's owner (the parent's group under
+    set-gid), the requested mode with set-gid dropped where the kernel drops it, and, when
+    the kernel left the umask to us, the umask or the parent's default ACL (``_inherit``)."""
+    pst = os.fstat(parent_fd)
+    cuid, cgid = caller.uid, caller.gid
+    owners = sb.owners
+    if owners is not None:  # the caller's ids and the parent's owner as the layer keeps them
+        pst = owners.layer_stat(parent_fd, 0, pst)
+        cuid, cgid = owners.uid_in(cuid), owners.gid_in(cgid)
+    uid, gid = new_owner(cuid, cgid, pst)
+    is_dir = kind == KIND_DIR
+    in_group = cgid == pst.st_gid or pst.st_gid in (
+        caller_groups(caller.pid) if owners is None
+        else owners.groups_in(caller_groups(caller.pid)))
+    final_mode = new_mode(mode, caller.umask, pst, is_dir, cgid, in_group or
+                          caller.uid == 0, apply_umask=False)
+    acls = None
+    if sb.dont_mask and kind in (KIND_REG, KIND_DIR, KIND_NODE):
+        final_mode, acls = _inherit(parent_fd, final_mode, caller.umask, is_dir)
+    return uid, gid, final_mode, acls
 
 
 def _inherit(parent_fd: int, mode: int, umask: int, is_dir: bool
@@ -318,6 +329,61 @@ async def create(sb: Superblock, parent: OvlInode, name: bytes, mode: int, flags
             os.close(fd)
 
 
+async def tmpfile(sb: Superblock, parent: OvlInode, mode: int, flags: int,
+                  caller: Caller) -> tuple[OpenReply, Entry]:
+    """O_TMPFILE: an unnamed file in the upper copy of ``parent``, and opened (the kernel's
+    ``ovl_tmpfile``). The parent is copied up first, as for create, so that a link(2) of
+    the file publishes it in place: ``link`` links the upper file as it links any upper
+    object. The owner and mode are create's (``_new_owner_mode``; a default ACL of the
+    upper directory is inherited by the upper filesystem itself). O_EXCL reaches the
+    upper file, which is then never linkable either. Nothing is left in the upper layer
+    when it is closed unlinked, not even in work/: only the copied-up parent remains, as
+    with the kernel's. EROFS on a mount without upper (the kernel refuses first: the
+    mount is read-only).
+
+    The inode has no name (``b""``): a name is only needed to copy an inode up, and this
+    one is upper from the start; a link gives it its first (``namei.adopt``)."""
+    check_writable(sb)
+    await copy_up(sb, parent)
+    assert parent.upper is not None and sb.layers.upper is not None
+    parent_fd = parent.upper
+    flags &= ~os.O_TMPFILE  # the stacked open's flags, as a create's would be
+    uid, gid, perm, _ = _new_owner_mode(sb, parent_fd, caller, KIND_REG, stat.S_IFREG | mode)
+    perm = stat.S_IMODE(perm)
+    bflags = backing_flags(sb, flags)
+    fd = os.open(".", bflags | os.O_TMPFILE | (flags & os.O_EXCL) | os.O_CLOEXEC, 0o600,
+                 dir_fd=parent_fd)
+    path_fd = -1
+    try:
+        path_fd = os.open(proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+        if sb.owners is None:
+            chown_new(fd, uid, gid, mode=perm)
+        else:
+            sb.owners.set_owner(path_fd, uid, gid, perm, os.fstat(path_fd))
+        made_st = os.fstat(fd)
+        res = Resolved(st=made_st, upper=path_fd,
+                       st_ino=sb.layers.st_ino(sb.layers.upper, made_st.st_ino))
+        path_fd = -1  # the resolution's, then the inode's
+        try:
+            inode = adopt(sb, parent, b"", res)
+        except BaseException:
+            res.close()
+            raise
+        entry = _entry(sb, inode)  # gives the lookup back itself if it fails
+        try:
+            reply = open_new(sb, inode, flags, fd)
+        except BaseException:
+            sb.inodes.forget(inode.ino, 1)
+            raise
+        fd = -1  # the handle's now
+        return reply, entry
+    finally:
+        # Not taken: the request failed, and the unnamed file goes with its last fd.
+        for left in (fd, path_fd):
+            if left >= 0:
+                os.close(left)
+
+
 def _unmake_sync(sb: Superblock, parent: OvlInode, name: bytes, made: os.stat_result) -> None:
     """Take back the object ``made`` at ``name`` if it is still there (best effort): the
     name is then as before the request that made it, a whiteout where a lower layer has
@@ -454,6 +520,8 @@ async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool)
                     os.unlink(name, dir_fd=parent_fd)
 
         work()
+        if inode.upper is None:
+            inode.unlinked = True
     finally:
         sb.inodes.forget(inode.ino, 1)
 
@@ -529,6 +597,8 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         if exchange:
             assert dst_inode is not None
             dst_inode.set_parent(old_parent, old_name)
+        elif dst_inode is not None and dst_inode.upper is None:
+            dst_inode.unlinked = True  # replaced: its name is the moved object's now
     finally:
         for inode in held:
             sb.inodes.forget(inode.ino, 1)

@@ -78,6 +78,10 @@ class OvlInode(Inode):
         self.twin: OvlInode | None = None
         #: Merged listings being read without a handle, by generation (readdir.py)
         self.listings: dict[int, DirSnapshot[int]] | None = None
+        #: No name leads to it any more: an unlink, or a rename over it, took its last
+        #: name (dir.py) while it had no upper object. Its name in the upper directory is
+        #: a whiteout or another object now, so it can never be copied up (inode.setattr).
+        self.unlinked = False
 
     @classmethod
     def make_root(cls, layers: LayerStack) -> OvlInode:

@@ -79,6 +79,14 @@ async def getattr(sb: Superblock, inode: OvlInode) -> Entry:
 async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
                   fh_fd: int | None) -> Entry:
     check_writable(sb)
+    if inode.unlinked and inode.upper is None and _only_cmtime(changes):
+        # The writeback cache's flush of the times the kernel keeps (it sets the ctime of
+        # a file it unlinks, or renames another over, and sends it at once): the file has
+        # no name, so no copy-up (it would fail EEXIST on the whiteout after copying the
+        # data, and the kernel would turn that into EIO for close(2) and fsync(2) of every
+        # fd still open on it). Nothing is changed, as the kernel's overlayfs changes no
+        # times on an unlink.
+        return make_entry(sb, inode)
     await copy_up(sb, inode, size=changes.size)
     async with inode.lock:
         assert inode.upper is not None
@@ -105,6 +113,15 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
         entry = make_entry(sb, inode, st)
     await tell_twin(sb, inode)
     return entry
+
+
+def _only_cmtime(changes: SetattrRequest) -> bool:
+    """Whether ``changes`` sets the ctime, perhaps the mtime, and nothing else: what the
+    kernel's writeback cache sends for the times it keeps (fuse_flush_times), and, under
+    that cache only, for a caller's utimensat(2) of the mtime alone."""
+    return (changes.ctime_ns is not None and changes.mode is None and changes.uid is None
+            and changes.gid is None and changes.size is None and changes.atime_ns is None
+            and changes.kill_suidgid is None)
 
 
 async def tell_twin(sb: Superblock, inode: OvlInode) -> None:

@@ -172,6 +172,10 @@ class OverlayFs(Filesystem):
                      caller: Caller) -> tuple[OpenReply, Entry]:
         return await ovl_dir.create(self.sb, self._dir(parent), name, mode, flags, caller)
 
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[OpenReply, Entry]:
+        return await ovl_dir.tmpfile(self.sb, self._dir(parent), mode, flags, caller)
+
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         return await ovl_file.read(self.sb, fh, off, size)
 

@@ -29,11 +29,15 @@ Statistics: SIGUSR1 logs ``statistics: {'inodes': ..., 'lookups': ..., 'handles'
 'in_flight': ...}`` (``PassthruFs.statistics``); after ``echo 2 > /proc/sys/vm/drop_caches``
 the kernel forgets its inodes and ``inodes`` falls back to 1 (the root).
 
-Limits: POSIX ACLs are not negotiated (a default ACL on a SOURCE directory does not
-replace the umask for files made through the mount); file locks are local to the mount;
-``fcntl(F_SETFL, O_APPEND)`` after open is not seen; SOURCE itself must not be replaced
-while mounted. Kernel FUSE passthrough (the kernel serving read/write from the backing
-file) is not used yet: every read and write goes through the daemon (DESIGN §7).
+POSIX ACLs are enforced by the kernel (FUSE_POSIX_ACL) unless ``noacl``; default ACLs of
+SOURCE directories are inherited by SOURCE's filesystem, and the umask applied only where
+none is (``dir.made_mode``). On the native session, read and write of a file opened
+without writeback cache go straight to the backing file (kernel passthrough,
+``backingfs.passthrough``); otherwise through the daemon (``backingfs.rw``).
+
+Limits: file locks are local to the mount; ``fcntl(F_SETFL, O_APPEND)`` after open is not
+seen; SOURCE itself must not be replaced while mounted; O_TMPFILE needs the native session
+(pyfuse3: EOPNOTSUPP).
 
 Modules: cli (argv, errors), params (option table), superblock (PassthruFs: state and
 operation table), inode (lookup, attributes, xattrs, access, statfs), dir (namespace

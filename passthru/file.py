@@ -1,4 +1,4 @@
-"""FileHandle and the open-file operations: open/create/read/write/flush/fsync/release.
+"""FileHandle and the open-file operations: open/create/tmpfile/read/write/flush/fsync/release.
 
 One ``BackingFile`` per open, opened with the caller's access mode (the kernel already
 checked it: default_permissions). Data moves through ``backingfs.rw``: reads try the
@@ -148,6 +148,44 @@ async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags:
         raise
     try:
         reply = _add_handle(fs, inode, fd, bflags & ~os.O_NOFOLLOW, req_flags)
+    except BaseException:
+        fs.inodes.forget(inode.ino, 1)
+        raise
+    return reply, make_entry(fs, inode, st)
+
+
+async def tmpfile(fs: PassthruFs, parent_ino: int, mode: int, flags: int,
+                  caller: Caller) -> tuple[OpenReply, Entry]:
+    """O_TMPFILE: an unnamed file made in the SOURCE directory itself, and opened.
+
+    The backing open is O_TMPFILE on the directory, with the caller's mode (umask as for
+    create: ``made_mode``) and owner (``give_owner``), and O_EXCL when the caller gave it,
+    so the backing file is exactly as linkable as the stacked one. Its inode is keyed by
+    ``(st_dev, st_ino)`` like any other and held by an O_PATH fd reopened through the
+    magic link; nlink is 0. A later linkat(2) of it is a plain ``link``, whose
+    linkat(AT_SYMLINK_FOLLOW) on that fd's magic link publishes the file (the backing
+    inode is I_LINKABLE). Closing it unlinked leaves nothing in SOURCE: the file goes
+    when the kernel forgets the inode and its O_PATH fd closes.
+    """
+    parent = fs.live(parent_ino)
+    bflags, req_flags = backing_flags(fs, flags)
+    bflags |= os.O_TMPFILE | (flags & os.O_EXCL)  # ENOTDIR on a non-directory
+    mode = made_mode(fs, parent, mode, caller)
+    fd = os.open(".", bflags, mode & 0o7777, dir_fd=parent.fd)
+    try:
+        give_owner(fs, parent, fd, stat.S_IFREG | (mode & 0o7777), caller)
+        st = os.fstat(fd)
+        path_fd = os.open(syscalls.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+    except BaseException:
+        os.close(fd)  # the unnamed file goes with its only fd
+        raise
+    try:
+        inode = install(fs, path_fd, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        reply = _add_handle(fs, inode, fd, bflags & ~(os.O_TMPFILE | os.O_EXCL), req_flags)
     except BaseException:
         fs.inodes.forget(inode.ino, 1)
         raise

@@ -183,6 +183,10 @@ class PassthruFs(Filesystem):
                      caller: Caller) -> tuple[OpenReply, Entry]:
         return await file_ops.create(self, parent, name, mode, flags, caller)
 
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[OpenReply, Entry]:
+        return await file_ops.tmpfile(self, parent, mode, flags, caller)
+
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         return await file_ops.read(self, fh, off, size)
 

@@ -1,8 +1,9 @@
 """The target matrix of the behaviour battery: ``--targets``, the ``fs`` fixture, ``differs``.
 
-Every test under tests/behaviour takes ``fs``, a fresh directory on one target, and is run
-once per selected target (``--targets native,passthru``; default: every target that can run
-here, see ``backingfs.testing.TARGETS``). A target is mounted once per session and shared by
+Every test under tests/behaviour takes ``fs``, a fresh directory on one target (and may take
+``behind``, the same directory behind the mount), and is run once per selected target
+(``--targets native,passthru``; default: every target that can run here, see
+``backingfs.testing.TARGETS``). A target is mounted once per session and shared by
 its tests, each in its own subdirectory; after each test the daemon must still be alive (a
 test that killed it fails, and the next test gets a new mount). The mount is always torn
 down, even when tests fail.
@@ -173,6 +174,16 @@ def fs(request: pytest.FixtureRequest, target_session: TargetSession) -> Iterato
         yield path
     finally:
         target_session.after_test()
+
+
+@pytest.fixture
+def behind(fs: Path, target_session: TargetSession) -> Path | None:
+    """``fs`` as seen behind the mount, where what a test makes there lands (passthru's
+    source, an overlay's upper layer: ``TargetMount.upper``); None where that is ``fs``
+    itself (native). It may not exist yet (an overlay directory not copied up)."""
+    mount = target_session.mount
+    assert mount is not None
+    return None if mount.upper is None else mount.upper / fs.name
 
 
 # --- Early jobs (tests/earlyjobs.py) ---------------------------------------------------------

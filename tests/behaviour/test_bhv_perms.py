@@ -103,6 +103,49 @@ attempt("read_own", read, d + "/file")
     assert stat.S_IMODE(os.stat(fs / "shared" / "file").st_mode) == 0o600
 
 
+_NO_TMPFILE = ("pyfuse3 3.5 has no FUSE_TMPFILE handler (libfuse answers ENOSYS): the kernel "
+               "gives EOPNOTSUPP to every O_TMPFILE open")
+
+
+@pytest.mark.differs("passthru-pyfuse3", reason=_NO_TMPFILE)
+@pytest.mark.differs("overlay-lower-pyfuse3", reason=_NO_TMPFILE)
+def test_nobody_tmpfile_is_its_own_and_it_may_link_it(fs: Path) -> None:
+    """O_TMPFILE by an unprivileged caller: the file is the caller's, nlink 0; the caller
+    links it through the magic link (AT_SYMLINK_FOLLOW) and, as its opener, by
+    AT_EMPTY_PATH (allowed without CAP_DAC_READ_SEARCH since Linux 6.10); a directory it
+    may not write refuses the open (EACCES)."""
+    os.mkdir(fs / "shared")
+    os.chmod(fs / "shared", 0o777)
+    os.mkdir(fs / "closed", 0o755)
+    out = as_nobody(f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+d = {str(fs / "shared")!r}
+def empty_path(fd, dfd, name):
+    if libc.linkat(fd, b"", dfd, name, 0x1000) != 0:
+        raise OSError(ctypes.get_errno(), "linkat")
+os.umask(0o022)
+fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
+os.write(fd, b"mine")
+st = os.fstat(fd)
+out["fstat"] = f"{{st.st_uid}}:{{st.st_gid}} nlink={{st.st_nlink}} {{st.st_mode & 0o7777:o}}"
+dfd = os.open(d, os.O_PATH)
+attempt("link", os.link, f"/proc/self/fd/{{fd}}", "named", dst_dir_fd=dfd)
+attempt("read_named", read, d + "/named")
+attempt("empty_path", empty_path, fd, dfd, b"flinked")
+out["nlink"] = str(os.fstat(fd).st_nlink)
+attempt("closed", os.open, {str(fs / "closed")!r}, os.O_TMPFILE | os.O_RDWR, 0o600)
+""")
+    assert out == {"fstat": f"{NOBODY}:{NOBODY} nlink=0 640", "link": "ok",
+                   "read_named": "mine", "empty_path": "ok", "nlink": "2",
+                   "closed": "EACCES"}
+    for name in ("named", "flinked"):
+        st = os.stat(fs / "shared" / name)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o640)
+    assert (fs / "shared" / "flinked").read_bytes() == b"mine"
+    assert os.listdir(fs / "closed") == []
+
+
 def test_nobody_cannot_change_roots_file(fs: Path) -> None:
     os.mkdir(fs / "shared")
     os.chmod(fs / "shared", 0o777)

@@ -2,8 +2,8 @@
 own request counters (SIGUSR1 -> ``session: {json}`` on its stderr).
 
 What is proven here:
-- data I/O on a passthrough open never reaches the daemon (READ = WRITE = 0), with
-  ``passthrough=off`` it does, and the data is the same either way;
+- data I/O on a passthrough open never reaches the daemon (READ = WRITE = 0), an O_TMPFILE
+  one included, with ``passthrough=off`` it does, and the data is the same either way;
 - shared mmap and fsync work through passthrough (FSYNC still reaches the daemon, which
   syncs the backing file);
 - the backing id lives exactly as long as the inode's opens (open/close storm);
@@ -119,6 +119,32 @@ def test_passthrough_data_io_never_reaches_the_daemon(passthru: FuseTargetMount)
     assert ops["FSYNC"] >= 1 and ops["OPEN"] >= 1
     pt = _pt(passthru)
     assert pt["enabled"] and pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 1
+
+
+@needs_passthrough
+def test_tmpfile_data_io_never_reaches_the_daemon(passthru: FuseTargetMount) -> None:
+    """An O_TMPFILE open is answered as a create is, its backing file registered: its
+    I/O, before and after a link publishes it, is the kernel's alone."""
+    data = _payload(2 * MiB)
+    fd = os.open(passthru.root, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, data)
+        assert os.pread(fd, 100, MiB) == data[MiB:MiB + 100]
+        dfd = os.open(passthru.root, os.O_PATH)
+        try:
+            os.link(f"/proc/self/fd/{fd}", "t", dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        os.pwrite(fd, b"tail", len(data))
+    finally:
+        os.close(fd)
+    assert (passthru.data / "t").read_bytes() == data + b"tail"
+    assert (passthru.root / "t").read_bytes() == data + b"tail"
+    ops = _ops(passthru)
+    assert ops["TMPFILE"] == 1 and ops["LINK"] == 1, ops
+    assert ops.get("READ", 0) == 0 and ops.get("WRITE", 0) == 0, ops
+    pt = _pt(passthru)
+    assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 1
 
 
 @pytest.mark.parametrize("passthru", ["off"], indirect=True)

@@ -14,6 +14,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,6 +275,48 @@ def test_squash_as_stated(base: Path) -> None:
     assert set(got["after"].values()) == {(42, 0)}
     # the layer keeps real owners: the caller's for new objects, chown's for changed ones
     assert got["upper"]["pub/n1002"] == (1002, 1002) and got["upper"]["f0"] == (1004, 1005)
+
+
+def _layer_view(path: Path) -> tuple[int, int, int, dict[str, bytes]]:
+    st = os.lstat(path)
+    return (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode),
+            {n: os.getxattr(path, n) for n in os.listxattr(path)})
+
+
+@needs_root
+@pytest.mark.skipif(os.environ.get("BACKINGFS_SESSION", "native") != "native",
+                    reason="O_TMPFILE needs the native session (pyfuse3 has no FUSE_TMPFILE "
+                           "handler: EOPNOTSUPP)")
+@pytest.mark.parametrize("options", [MAPPING_CASES[0], "squash_to_uid=42,squash_to_gid=43",
+                                     "xattr_permissions=2"])
+def test_linked_tmpfile_is_owned_as_a_created_file(base: Path, options: str) -> None:
+    """An O_TMPFILE file linked by uid 1002 gets what its create would: the same owner and
+    mode through the mount, and the same owner, mode and records on the upper layer.
+    Mode 0666: squashed, the file is seen as another user's, which protected_hardlinks
+    lets the caller link only with read and write access."""
+    script = """
+import os, sys
+os.umask(0)
+d = sys.argv[1]
+fd = os.open(d, os.O_TMPFILE | os.O_WRONLY, 0o666)
+dfd = os.open(d, os.O_PATH)
+os.link(f"/proc/self/fd/{fd}", "tmp", dst_dir_fd=dfd)
+os.close(os.open(d + "/made", os.O_CREAT | os.O_WRONLY, 0o666))
+"""
+
+    def scenario(layers: Layers) -> dict[str, object]:
+        pub = layers.mnt / "pub"
+        r = subprocess.run(["setpriv", "--reuid=1002", "--regid=1002", "--clear-groups",
+                            sys.executable, "-I", "-c", script, str(pub)],
+                           capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        return {n: (owner(pub / n), stat.S_IMODE(os.stat(pub / n).st_mode))
+                for n in ("tmp", "made")}
+
+    seen = run_on("ours", base / "ours", options, build_owned, scenario)
+    assert seen["tmp"] == seen["made"]
+    upper = base / "ours" / "upper" / "pub"
+    assert _layer_view(upper / "tmp") == _layer_view(upper / "made")
 
 
 @needs_root

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.mark.parametrize("op", ["create", "open_write", "truncate", "chmod", "mkdir",
                                 "unlink", "rmdir", "rename", "symlink", "link",
-                                "setxattr", "removexattr", "utime"])
+                                "setxattr", "removexattr", "utime", "tmpfile"])
 def test_every_write_is_erofs(ovl: OvlLayers, op: str) -> None:
     (ovl.lower1 / "f").write_text("x")
     os.setxattr(ovl.lower1 / "f", "user.a", b"1")
@@ -34,6 +34,8 @@ def test_every_write_is_erofs(ovl: OvlLayers, op: str) -> None:
         "setxattr": lambda: os.setxattr(f, "user.b", b"2"),
         "removexattr": lambda: os.removexattr(f, "user.a"),
         "utime": lambda: os.utime(f, (1, 1)),
+        # as kernel overlayfs without upperdir: the read-only mount refuses it in the VFS
+        "tmpfile": lambda: os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600),
     }
     with pytest.raises(OSError) as e:
         actions[op]()

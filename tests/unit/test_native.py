@@ -347,6 +347,42 @@ def test_interrupted_open_is_released(sess: PipeSession) -> None:
     assert sess.backing.statistics().passthrough_opens == 0
 
 
+def test_tmpfile_without_a_handler_is_enosys(sess: PipeSession) -> None:
+    # ENOSYS: the kernel then answers EOPNOTSUPP to O_TMPFILE itself (fc->no_tmpfile).
+    args = abi.CREATE_IN.pack(os.O_TMPFILE | os.O_RDWR, stat.S_IFREG | 0o600, 0o022, 0)
+    trio.run(sess._dispatch, request(abi.Op.TMPFILE, 1, args + b"/\0"))
+    assert sess.take()[0] == -errno.ENOSYS
+
+
+class TmpfileFs(FakeFs):
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[OpenReply, Entry]:
+        self.calls.append(("tmpfile", parent, mode, flags, caller))
+        return OpenReply(fh=11, backing=98), Entry(FILE._replace(st_nlink=0))
+
+
+def test_tmpfile_is_answered_as_create() -> None:
+    s = PipeSession(TmpfileFs())
+    try:
+        flags = os.O_TMPFILE | os.O_RDWR | os.O_EXCL
+        args = abi.CREATE_IN.pack(flags, stat.S_IFREG | 0o640, 0o022, 0) + b"/\0"
+        trio.run(s._dispatch, request(abi.Op.TMPFILE, 1, args))
+        error, _, body = s.take()
+        assert error == 0 and len(body) == abi.ENTRY_OUT_SIZE + abi.OPEN_OUT.size
+        assert abi.OPEN_OUT.unpack_from(body, abi.ENTRY_OUT_SIZE) == (
+            11, abi.FOPEN_PASSTHROUGH, 7)
+        assert s.fs.calls == [("tmpfile", 1, stat.S_IFREG | 0o640, flags,
+                               Caller(1000, 100, 42, 0o022))]
+        # Not taken by the kernel: the open is released and the reference given back.
+        s.interrupted = True
+        trio.run(s._dispatch, request(abi.Op.TMPFILE, 1, args, unique=6))
+        assert s.fs.released == [11] and s.fs.forgotten == [(FILE.st_ino, 1)]
+        assert s.backing.statistics().passthrough_opens == 1  # the first one's, still open
+    finally:
+        os.close(s.rfd)
+        os.close(s.fd)
+
+
 def test_write_passes_exactly_the_payload(sess: PipeSession) -> None:
     data = b"abcdef"
     trio.run(sess._dispatch, request(
