@@ -117,6 +117,10 @@ class SetattrRequest:
     #: Also clear the set-id bits this caller's write or truncate clears (it lacks
     #: CAP_FSETID and the kernel leaves the stripping to us: HANDLE_KILLPRIV_V2).
     kill_suidgid: Caller | None = None
+    #: The times set are the current time because the caller gave none (UTIME_NOW,
+    #: touch(1)), not times it chose: a chattr +a file allows the one, not the other.
+    #: Known on the native session only (pyfuse3 resolves UTIME_NOW before we see it).
+    times_now: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,6 +289,9 @@ async def setattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
     (valid, _, fh, size, _, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _,
      uid, gid, _) = abi.SETATTR_IN.unpack_from(data, ARGS)
     now = time.time_ns() if valid & (abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW) else 0
+    times = valid & (abi.FATTR_ATIME | abi.FATTR_MTIME)
+    nows = ((abi.FATTR_ATIME if valid & abi.FATTR_ATIME_NOW else 0)
+            | (abi.FATTR_MTIME if valid & abi.FATTR_MTIME_NOW else 0))
     changes = SetattrRequest(
         mode=mode if valid & abi.FATTR_MODE else None,
         uid=uid if valid & abi.FATTR_UID else None,
@@ -299,6 +302,7 @@ async def setattr_(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: b
         mtime_ns=(now if valid & abi.FATTR_MTIME_NOW else _signed(mtime) * _NS + mtimensec)
         if valid & abi.FATTR_MTIME else None,
         ctime_ns=_signed(ctime) * _NS + ctimensec if valid & abi.FATTR_CTIME else None,
+        times_now=bool(times) and nows == times,
         kill_suidgid=_caller(ids) if valid & abi.FATTR_KILL_SUIDGID or (
             not valid & _CHANGES and s.flags & abi.HANDLE_KILLPRIV_V2
             and not privs.caller_has_fsetid(ids[2])) else None,

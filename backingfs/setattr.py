@@ -48,5 +48,5 @@ async def setattr_backing(fd: int, fmt: int, changes: SetattrRequest,
             raise OSError(errno.EISDIR if fmt == stat.S_IFDIR else errno.EINVAL, "truncate")
         await truncate(changes.size)
     if changes.atime_ns is not None or changes.mtime_ns is not None:
-        utimens(fd, changes.atime_ns, changes.mtime_ns)
+        utimens(fd, changes.atime_ns, changes.mtime_ns, now=changes.times_now)
     return os.fstat(fd)

@@ -98,12 +98,16 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0
     _check(_libc.renameat2(old_dir, old, new_dir, new, flags), "renameat2", old)
 
 
-def utimens(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+def utimens(fd: int, atime_ns: int | None, mtime_ns: int | None, *, now: bool = False) -> None:
     """Set the times of the object behind (O_PATH) ``fd``; ``None`` leaves one alone
-    (UTIME_OMIT), which ``os.utime`` cannot express. Works on symlinks too."""
+    (UTIME_OMIT), which ``os.utime`` cannot express. Works on symlinks too. ``now``: the
+    times not None are set to the current time (UTIME_NOW), which an append-only file
+    allows and explicit times it refuses."""
     def ts(ns: int | None) -> _Timespec:
         if ns is None:
             return _Timespec(0, UTIME_OMIT)
+        if now:
+            return _Timespec(0, UTIME_NOW)
         return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
 
     times = (_Timespec * 2)(ts(atime_ns), ts(mtime_ns))
@@ -155,6 +159,22 @@ def fs_type(fd: int) -> int | None:
     if _libc.fstatfs(fd, buf) != 0:
         return None
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+#: ``stx_attributes`` bits (linux/stat.h): chattr's +i and +a.
+STATX_ATTR_IMMUTABLE = 0x10
+STATX_ATTR_APPEND = 0x20
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                        ctypes.c_char_p]
+
+
+def statx_attributes(fd: int) -> int:
+    """``stx_attributes`` of the object of ``fd`` (O_PATH fine): STATX_ATTR_* bits such as
+    IMMUTABLE and APPEND, which stat(2) does not report and FS_IOC_GETFLAGS needs a real
+    open for (not possible on a fifo or device without side effects)."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    _check(_libc.statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, 0, buf), "statx")
+    return ctypes.c_uint64.from_buffer(buf, 8).value  # after stx_mask, stx_blksize
 
 
 def close_reports_errors(fd: int) -> bool:

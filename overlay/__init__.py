@@ -17,6 +17,7 @@ Modules (one concept each, as fs/overlayfs/):
     file.py       open/read/write/fsync/release via backingfs.rw; handles follow copy-up
     readdir.py    merged listing: upper first, whiteouts/opaque, stable offsets, d_ino
     copyup.py     copy-up in work/ + one rename; parents first; once per inode
+    protattr.py   chattr +i/+a of lower objects enforced (EPERM), kept as overlay.protattr
     whiteout.py   whiteout/opaque formats: char 0/0, xattr form, AUFS .wh. names
     xattrs.py     overlay-private xattr names, the overlay.overlay. escape, copy-up filter
     idmap.py      ownership options: uid/gid mapping, squash_to_*, owner/mode in xattrs

@@ -54,6 +54,7 @@ from backingfs.privs import CAPABILITY_XATTR
 from backingfs.sync import fsync_queued
 from backingfs.syscalls import RENAME_NOREPLACE, open_path, renameat2, reopen, utimens
 
+from . import protattr
 from . import xattrs as oxattrs
 from .entry import OvlInode
 from .namei import upper_file_key
@@ -257,6 +258,7 @@ def _publish(sb: Superblock, copy: _Copy, parent_fd: int, name: bytes, src_fd: i
         owners = sb.owners
         caps = copy_xattrs(src_fd, fd, sb.prefix,
                            skip=owners.private_names if owners is not None else frozenset())
+        protattr.record(sb, src_fd, fd)
         if origin is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
             bxattrs.fsetxattr(fd, oxattrs.origin_name(sb.prefix), b"%d" % origin)
         if owners is None:

@@ -36,6 +36,7 @@ from backingfs.creds import caller_groups, chown_new, new_mode, new_owner
 from backingfs.fsapi import RENAME_EXCHANGE, RENAME_NOREPLACE, Caller, Entry, OpenReply
 from backingfs.syscalls import RENAME_WHITEOUT, open_path, proc_path, renameat2
 
+from . import protattr
 from . import whiteout as wo
 from .copyup import copy_up
 from .entry import OvlInode
@@ -75,6 +76,9 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
     res.close()
     if exists:
         raise OSError(errno.EEXIST, "file exists", name)
+    protattr.check_add(sb, parent)
+    if link_src is not None:
+        protattr.check_change(sb, link_src)  # vfs_link: not of a +i or +a file
     await copy_up(sb, parent)
     if link_src is not None:
         await copy_up(sb, link_src)
@@ -93,7 +97,10 @@ async def _make(sb: Superblock, parent: OvlInode, name: bytes, caller: Caller, k
         res = Resolved(st=made_st, upper=path_fd,
                        is_opaque=kind == KIND_DIR and over_whiteout,
                        st_ino=sb.layers.st_ino(sb.layers.upper, made_st.st_ino))
-        return adopt(sb, parent, name, res)
+        made = adopt(sb, parent, name, res)
+        if kind != KIND_LINK:
+            protattr.mark_new(made)
+        return made
     try:
         res = resolve(sb, parent, name)
     except BaseException:
@@ -344,6 +351,7 @@ async def tmpfile(sb: Superblock, parent: OvlInode, mode: int, flags: int,
     The inode has no name (``b""``): a name is only needed to copy an inode up, and this
     one is upper from the start; a link gives it its first (``namei.adopt``)."""
     check_writable(sb)
+    protattr.check_add(sb, parent)
     await copy_up(sb, parent)
     assert parent.upper is not None and sb.layers.upper is not None
     parent_fd = parent.upper
@@ -366,6 +374,7 @@ async def tmpfile(sb: Superblock, parent: OvlInode, mode: int, flags: int,
         path_fd = -1  # the resolution's, then the inode's
         try:
             inode = adopt(sb, parent, b"", res)
+            protattr.mark_new(inode)
         except BaseException:
             res.close()
             raise
@@ -502,6 +511,7 @@ async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool)
     finally:
         res.close()
     try:
+        protattr.check_remove(sb, parent, inode)
         if want_dir and not is_empty(sb, inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
         await copy_up(sb, parent)
@@ -582,6 +592,11 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
         src.close()
         dst.close()
     try:
+        protattr.check_remove(sb, old_parent, src_inode)
+        if dst_inode is None:
+            protattr.check_add(sb, new_parent)
+        else:
+            protattr.check_remove(sb, new_parent, dst_inode)
         if dst_inode is not None and dst_is_dir and not exchange and \
                 not is_empty(sb, dst_inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)

@@ -82,6 +82,8 @@ class OvlInode(Inode):
         #: name (dir.py) while it had no upper object. Its name in the upper directory is
         #: a whiteout or another object now, so it can never be copied up (inode.setattr).
         self.unlinked = False
+        #: chattr +i/+a as the kernel's overlayfs sees them, once known (protattr.py)
+        self.prot: int | None = None
 
     @classmethod
     def make_root(cls, layers: LayerStack) -> OvlInode:

@@ -48,6 +48,7 @@ from backingfs.request import Request
 from backingfs.syscalls import fallocate as fallocate_fd
 from backingfs.syscalls import proc_path, reopen
 
+from . import protattr
 from .copyup import copy_up
 from .entry import OvlInode
 from .inode import check_writable
@@ -134,6 +135,7 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
         raise OSError(errno.EISDIR, "is a directory")
     if is_write_open(flags):
         check_writable(sb)
+        protattr.check_open(sb, inode, flags)
         if not stat.S_ISREG(inode.mode):
             # special files are never copied up on open (never reach us over FUSE anyway)
             raise OSError(errno.EINVAL, "open for write of a special file")

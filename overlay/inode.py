@@ -31,6 +31,7 @@ from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
 from backingfs.setattr import setattr_backing
 from backingfs.syscalls import proc_path
 
+from . import protattr
 from . import xattrs as oxattrs
 from .copyup import copy_up
 from .entry import OvlInode
@@ -87,6 +88,9 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
         # fd still open on it). Nothing is changed, as the kernel's overlayfs changes no
         # times on an unlink.
         return make_entry(sb, inode)
+    protattr.check_setattr(sb, inode, times_now=changes.times_now and changes.mode is None
+                           and changes.uid is None and changes.gid is None
+                           and changes.size is None)
     await copy_up(sb, inode, size=changes.size)
     async with inode.lock:
         assert inode.upper is not None
@@ -183,6 +187,7 @@ async def setxattr_prepare(sb: Superblock, inode: OvlInode, name: bytes) -> None
     link is broken and shows nlink 1 as there."""
     check_writable(sb)
     _check_client_name(sb, name, errno.EPERM)
+    protattr.check_change(sb, inode)
     await copy_up(sb, inode)
 
 
@@ -192,6 +197,7 @@ async def setxattr(sb: Superblock, inode: OvlInode, name: bytes, value: bytes) -
     if sb.owners is not None:
         value = sb.owners.acl_in(name, value)
     backing = oxattrs.to_backing(name, sb.prefix)
+    protattr.check_change(sb, inode)
     await copy_up(sb, inode)
     async with inode.lock:
         assert inode.upper is not None
@@ -205,6 +211,7 @@ async def removexattr(sb: Superblock, inode: OvlInode, name: bytes) -> None:
     _check_client_name(sb, name, errno.EPERM)
     backing = oxattrs.to_backing(name, sb.prefix)
     # Nothing to remove is ENODATA without a copy-up (the kernel checks first, too).
+    protattr.check_change(sb, inode)
     bxattrs.fgetxattr(inode.data_fd(), backing)
     await copy_up(sb, inode)
     async with inode.lock:

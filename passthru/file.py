@@ -71,6 +71,13 @@ def backing_flags(fs: PassthruFs, flags: int) -> tuple[int, IocbFlags]:
     return (flags & ~_OPEN_ONLY) | os.O_CLOEXEC, req_flags
 
 
+def _append_only(fd: int) -> bool:
+    try:
+        return bool(syscalls.statx_attributes(fd) & syscalls.STATX_ATTR_APPEND)
+    except OSError:
+        return False
+
+
 def _add_handle(fs: PassthruFs, inode: PassthruInode, fd: int, flags: int,
                 req_flags: IocbFlags) -> OpenReply:
     file = BackingFile(fd, flags)
@@ -92,6 +99,13 @@ async def open(fs: PassthruFs, ino: int, flags: int, caller: Caller) -> OpenRepl
     try:
         fd = syscalls.reopen(inode.fd, bflags)
     except PermissionError:
+        if flags & os.O_APPEND and not fs.writeback and _append_only(inode.fd):
+            # chattr +a: a write open needs O_APPEND, which the backing open leaves out
+            # (every write appends by its request flag instead). Kept here, the backing fd
+            # appends at EOF, where each of these writes goes anyway; not under writeback
+            # cache, whose page flushes may rewrite the last page's bytes.
+            return _add_handle(fs, inode, syscalls.reopen(inode.fd, bflags | os.O_APPEND),
+                               bflags, req_flags)
         if bflags & os.O_ACCMODE == flags & os.O_ACCMODE:
             raise
         # The writeback upgrade to O_RDWR needs read permission, which an unprivileged
