@@ -155,17 +155,7 @@ async def create(fs: PassthruFs, parent_ino: int, name: bytes, mode: int, flags:
     except BaseException:
         os.close(fd)
         raise
-    try:
-        inode = install(fs, path_fd, st)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        reply = _add_handle(fs, inode, fd, bflags & ~os.O_NOFOLLOW, req_flags)
-    except BaseException:
-        fs.inodes.forget(inode.ino, 1)
-        raise
-    return reply, make_entry(fs, inode, st)
+    return _opened_new(fs, fd, path_fd, st, bflags & ~os.O_NOFOLLOW, req_flags)
 
 
 async def tmpfile(fs: PassthruFs, parent_ino: int, mode: int, flags: int,
@@ -193,13 +183,21 @@ async def tmpfile(fs: PassthruFs, parent_ino: int, mode: int, flags: int,
     except BaseException:
         os.close(fd)  # the unnamed file goes with its only fd
         raise
+    return _opened_new(fs, fd, path_fd, st, bflags & ~(os.O_TMPFILE | os.O_EXCL), req_flags)
+
+
+def _opened_new(fs: PassthruFs, fd: int, path_fd: int, st: os.stat_result, bflags: int,
+                req_flags: IocbFlags) -> tuple[OpenReply, Entry]:
+    """CREATE's and TMPFILE's reply for the file just made and open in ``fd`` (O_PATH
+    ``path_fd``): its inode (taking ``path_fd``) and a handle (taking ``fd``); on failure
+    neither is left open and no lookup reference is kept."""
     try:
         inode = install(fs, path_fd, st)
     except BaseException:
         os.close(fd)
         raise
     try:
-        reply = _add_handle(fs, inode, fd, bflags & ~(os.O_TMPFILE | os.O_EXCL), req_flags)
+        reply = _add_handle(fs, inode, fd, bflags, req_flags)
     except BaseException:
         fs.inodes.forget(inode.ino, 1)
         raise
