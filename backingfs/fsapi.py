@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from .attrs import Attr
+from .fileattr import FileAttr
 
 #: ``read_start``'s completion: the data read, or the error.
 ReadDone = Callable[[memoryview | OSError], None]
@@ -350,6 +351,20 @@ class Filesystem:
         raise _enosys()
 
     async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        raise _enosys()
+
+    async def fileattr_get(self, ino: int, fsx: bool, caller: Caller) -> FileAttr:
+        """lsattr(1): the attributes of regular file or directory ``ino``, as a flags word
+        (FS_IOC_GETFLAGS) or, with ``fsx``, a struct fsxattr (FS_IOC_FSGETXATTR).
+
+        Native session only (FUSE_IOCTL; pyfuse3 has no handler): not implemented, the
+        kernel answers ENOTTY/EOPNOTSUPP to lsattr and chattr."""
+        raise _enosys()
+
+    async def fileattr_set(self, ino: int, attr: FileAttr, caller: Caller) -> None:
+        """chattr(1): set the attributes of ``ino`` to ``attr`` (its form says which ioctl).
+        The kernel has checked the caller (owner, CAP_LINUX_IMMUTABLE for +i/+a) and read
+        the old attributes through ``fileattr_get`` first."""
         raise _enosys()
 
     async def access(self, ino: int, mode: int, caller: Caller) -> None:

@@ -211,6 +211,8 @@ KSTATFS = struct.Struct("=QQQQQIIII24x")          # 80 bytes
 LSEEK_IN = struct.Struct("=QqII")              # fh offset(signed) whence padding
 LSEEK_OUT = struct.Struct("=Q")
 FALLOCATE_IN = struct.Struct("=QQQII")
+IOCTL_IN = struct.Struct("=QIIQII")               # fh flags cmd arg in_size out_size
+IOCTL_OUT = struct.Struct("=iIII")               # result flags in_iovs out_iovs
 DIRENT_HEAD = struct.Struct("=QQII")             # ino off namelen type
 BACKING_MAP = struct.Struct("=iIQ")              # fd flags padding
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")

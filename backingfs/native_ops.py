@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import fdpressure, privs
+from . import fdpressure, fileattr, privs
 from . import fuse_abi as abi
 from .attrs import Attr
 from .fsapi import Caller, DirEntry, Entry, OpenReply, SetattrRequest
@@ -335,6 +335,33 @@ async def access(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: byt
     mask, _ = abi.ACCESS_IN.unpack_from(data, ARGS)
     await s.fs.access(nodeid, mask, _caller(ids))
     s.reply(unique)
+
+
+#: The kernel's fileattr requests (``fuse_priv_ioctl``): ioctl number -> the fsxattr form.
+_FILEATTR_GET = {fileattr.FS_IOC_GETFLAGS: False, fileattr.FS_IOC_FSGETXATTR: True}
+_FILEATTR_SET = {fileattr.FS_IOC_SETFLAGS: False, fileattr.FS_IOC_FSSETXATTR: True}
+_IOCTL_DONE = abi.IOCTL_OUT.pack(0, 0, 0, 0)
+
+
+@handler(abi.Op.IOCTL, fails_whole=True)
+async def ioctl(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
+    """lsattr/chattr only: the kernel turns them into FUSE_IOCTL on a private open of the
+    inode, by node id, so the handle is not needed. Any other ioctl a program sends to a
+    file of the mount is ENOTTY, as on the kernel's overlayfs: the daemon would run it on
+    a backing file with root's rights, and no other is part of either filesystem."""
+    _, _, cmd, _, in_size, out_size = abi.IOCTL_IN.unpack_from(data, ARGS)
+    if cmd in _FILEATTR_GET:
+        attr = await s.fs.fileattr_get(nodeid, _FILEATTR_GET[cmd], _caller(ids))
+        s.reply(unique, _IOCTL_DONE, attr.pack()[:out_size])
+    elif cmd in _FILEATTR_SET:
+        fsx = _FILEATTR_SET[cmd]
+        arg = data[ARGS + abi.IOCTL_IN.size:ARGS + abi.IOCTL_IN.size + in_size]
+        if len(arg) < (fileattr.FSXATTR if fsx else fileattr.FLAGS).size:
+            raise OSError(errno.EINVAL, "short fileattr argument")
+        await s.fs.fileattr_set(nodeid, fileattr.FileAttr.unpack(arg, fsx), _caller(ids))
+        s.reply(unique, _IOCTL_DONE)
+    else:
+        raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} not supported")
 
 
 @handler(abi.Op.STATFS)

@@ -49,6 +49,7 @@ import trio
 
 from backingfs import xattrs as bxattrs
 from backingfs.copyfile import copy_data
+from backingfs.fileattr import copy_up_flags
 from backingfs.pressure import PRESSURE
 from backingfs.privs import CAPABILITY_XATTR
 from backingfs.sync import fsync_queued
@@ -226,6 +227,7 @@ def _make_copy(sb: Superblock, parent_fd: int, src_fd: int, size: int | None, *,
             try:
                 length = st.st_size if size is None else min(size, st.st_size)
                 copy_data(src, dst, length, writeback=writeback and sb.sync.is_syncing)
+                copy_up_flags(src, dst)
             except BaseException:
                 os.close(dst)
                 with contextlib.suppress(OSError):
@@ -239,11 +241,26 @@ def _make_copy(sb: Superblock, parent_fd: int, src_fd: int, size: int | None, *,
             os.close(dst)
     elif stat.S_ISDIR(mode):
         os.mkdir(copy.tmp, 0o700, dir_fd=work)
+        _copy_dir_flags(src_fd, work, copy.tmp)
     elif stat.S_ISLNK(mode):
         os.symlink(os.readlink("", dir_fd=src_fd), copy.tmp, dir_fd=work)
     else:
         os.mknod(copy.tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work)
     return copy
+
+
+def _copy_dir_flags(src_fd: int, work: int, tmp: bytes) -> None:
+    """``copy_up_flags`` for a directory, which has no fd open yet (best effort: a
+    directory the daemon may not open keeps none)."""
+    with contextlib.ExitStack() as fds:
+        try:
+            src = reopen(src_fd, os.O_RDONLY | os.O_DIRECTORY)
+            fds.callback(os.close, src)
+            dst = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work)
+            fds.callback(os.close, dst)
+        except OSError:
+            return
+        copy_up_flags(src, dst)
 
 
 def _publish(sb: Superblock, copy: _Copy, parent_fd: int, name: bytes, src_fd: int,

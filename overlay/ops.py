@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from backingfs import acl
 from backingfs.attrs import Attr
+from backingfs.fileattr import FileAttr
 from backingfs.fsapi import (
     Caller,
     Entry,
@@ -27,6 +28,7 @@ from backingfs.notify import Notifier
 
 from . import dir as ovl_dir
 from . import file as ovl_file
+from . import fileattr as ovl_fileattr
 from . import inode as ovl_inode
 from . import readdir as ovl_readdir
 from .entry import OvlInode
@@ -238,6 +240,12 @@ class OverlayFs(Filesystem):
 
     async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
         await ovl_inode.removexattr(self.sb, self._inode(ino), name)
+
+    async def fileattr_get(self, ino: int, fsx: bool, caller: Caller) -> FileAttr:
+        return await ovl_fileattr.lsattr(self.sb, self._inode(ino), fsx)
+
+    async def fileattr_set(self, ino: int, attr: FileAttr, caller: Caller) -> None:
+        await ovl_fileattr.chattr(self.sb, self._inode(ino), attr)
 
     async def access(self, ino: int, mode: int, caller: Caller) -> None:
         ovl_inode.access(self.sb, self._inode(ino), mode, caller)

@@ -131,3 +131,24 @@ def check_remove(sb: Superblock, parent: OvlInode, victim: OvlInode | None) -> N
     is +i or +a."""
     if flags(sb, parent) & PROTECTED or (victim is not None and flags(sb, victim) & PROTECTED):
         raise _refuse("remove")
+
+
+def store(sb: Superblock, inode: OvlInode, prot: int) -> None:
+    """chattr through the mount: the +i/+a of ``inode``'s upper copy become ``prot``, kept
+    in the xattr (set when any, removed when none), as the kernel's ``ovl_set_protattr``.
+    An upper layer without xattrs cannot keep them: EPERM, as the kernel."""
+    assert inode.upper is not None
+    if prot:
+        try:
+            bxattrs.fsetxattr(inode.upper, xattr_name(sb), encode(prot))
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            raise OSError(errno.EPERM, "upper layer has no xattrs for chattr +i/+a") from e
+    elif flags(sb, inode) & PROTECTED:
+        try:
+            bxattrs.fremovexattr(inode.upper, xattr_name(sb))
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+    inode.prot = prot

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from backingfs import creds, syscalls, xattrs
+from backingfs import creds, fileattr, syscalls, xattrs
 from backingfs.attrs import Attr
+from backingfs.fileattr import FileAttr
 from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
 from backingfs.inodes import Inode
 from backingfs.setattr import setattr_backing
@@ -181,6 +182,20 @@ def _truncate_path(fd: int, size: int) -> None:
         os.ftruncate(wfd, size)
     finally:
         os.close(wfd)
+
+
+async def fileattr_get(fs: PassthruFs, ino: int, fsx: bool, caller: Caller) -> FileAttr:
+    inode = fs.live(ino)
+    return fileattr.get_at(inode.fd, inode.fmt, fsx)
+
+
+async def fileattr_set(fs: PassthruFs, ino: int, attr: FileAttr, caller: Caller) -> None:
+    inode = fs.live(ino)
+    async with inode.lock:
+        fileattr.set_at(inode.fd, inode.fmt, attr)
+        inode.attrs.copyattr(os.fstat(inode.fd))
+    if fs.notifier is not None:  # the new ctime: the kernel does not drop its copy itself
+        await fs.notifier.invalidate_inode(ino, attr_only=True)
 
 
 async def readlink(fs: PassthruFs, ino: int, caller: Caller) -> bytes:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from backingfs import acl, getdents
 from backingfs.context import BackingFileCtx
+from backingfs.fileattr import FileAttr
 from backingfs.flags import IocbFlags
 from backingfs.fsapi import (
     ROOT_INO,
@@ -152,6 +153,12 @@ class PassthruFs(Filesystem):
 
     async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
         await inode_ops.removexattr(self, ino, name, caller)
+
+    async def fileattr_get(self, ino: int, fsx: bool, caller: Caller) -> FileAttr:
+        return await inode_ops.fileattr_get(self, ino, fsx, caller)
+
+    async def fileattr_set(self, ino: int, attr: FileAttr, caller: Caller) -> None:
+        await inode_ops.fileattr_set(self, ino, attr, caller)
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     caller: Caller) -> Entry:

@@ -1,12 +1,18 @@
 """chattr +a/+i files in SOURCE behave through the mount as on SOURCE itself: the backing
 filesystem refuses what they forbid, and allows what they allow, although the daemon's
-backing open and utimensat differ from the caller's (no O_APPEND; resolved times)."""
+backing open and utimensat differ from the caller's (no O_APPEND; resolved times). And
+chattr/lsattr through the mount (FUSE_IOCTL, native session) act on SOURCE's objects.
+The cross-target outcomes are in tests/behaviour/test_bhv_fileattr.py."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +79,52 @@ def test_immutable_file_refuses_every_change(passthru_mount: StartPassthru,
         with pytest.raises(PermissionError):
             change()
     assert (m / "imm").read_bytes() == b"fixed\n"
+
+
+def _getflags(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("=I", fcntl.ioctl(fd, 0x80086601, bytes(4)))[0]
+    finally:
+        os.close(fd)
+
+
+def _setflags(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("=I", flags))
+    finally:
+        os.close(fd)
+
+
+def test_chattr_through_the_mount_reaches_source_and_the_new_ctime_shows(
+        passthru_mount: StartPassthru) -> None:
+    """cache=always keeps attributes for long: the chattr's new ctime must still show at
+    once, as it does on SOURCE (the kernel drops nothing itself after a FUSE_IOCTL)."""
+    pm = passthru_mount("cache=always")
+    (pm.source / "f").write_bytes(b"data")
+    before = os.stat(pm.mnt / "f").st_ctime_ns
+    time.sleep(0.02)
+    nodump = 0x40
+    _setflags(pm.mnt / "f", _getflags(pm.mnt / "f") | nodump)
+    assert _getflags(pm.source / "f") & nodump
+    assert _getflags(pm.mnt / "f") & nodump
+    after = os.stat(pm.mnt / "f").st_ctime_ns
+    assert after > before
+    assert after == os.stat(pm.source / "f").st_ctime_ns
+    _setflags(pm.mnt / "f", _getflags(pm.mnt / "f") & ~nodump)
+    assert not _getflags(pm.source / "f") & nodump
+
+
+def test_other_ioctls_are_refused(passthru_mount: StartPassthru) -> None:
+    """Only the fileattr ones are served: the daemon would run any other on SOURCE with
+    root's rights (FS_IOC_GETVERSION here, which ext4 answers)."""
+    pm = passthru_mount()
+    (pm.source / "f").write_bytes(b"data")
+    fd = os.open(pm.mnt / "f", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, 0x80087601, bytes(8))
+        assert e.value.errno == errno.ENOTTY
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ import trio
 from backingfs import fuse_abi as abi
 from backingfs import native_ops, privs
 from backingfs.attrs import Attr
+from backingfs.fileattr import FileAttr
 from backingfs.fsapi import (
     Caller,
     DirEntry,
@@ -40,6 +41,7 @@ from backingfs.passthrough import BackingIds, BackingMismatchError
     (abi.OPEN_OUT, 16), (abi.SETATTR_IN, 88), (abi.READ_IN, 40), (abi.WRITE_IN, 40),
     (abi.RELEASE_IN, 24), (abi.FLUSH_IN, 24), (abi.KSTATFS, 80), (abi.CREATE_IN, 16),
     (abi.BACKING_MAP, 16), (abi.FORGET_ONE, 16), (abi.DIRENT_HEAD, 24),
+    (abi.IOCTL_IN, 32), (abi.IOCTL_OUT, 16),
 ])
 def test_struct_sizes_match_the_kernel_header(st: struct.Struct, size: int) -> None:
     assert st.size == size
@@ -266,6 +268,13 @@ class FakeFs(Filesystem):
 
     async def getattr(self, ino: int, caller: Caller) -> Entry:
         raise RuntimeError("a bug")
+
+    async def fileattr_get(self, ino: int, fsx: bool, caller: Caller) -> FileAttr:
+        self.calls.append(("fileattr_get", ino, fsx))
+        return FileAttr(0x80010, (1, 2, 3, 4) if fsx else None)
+
+    async def fileattr_set(self, ino: int, attr: FileAttr, caller: Caller) -> None:
+        self.calls.append(("fileattr_set", ino, attr))
 
 
 class PipeSession(NativeSession):
@@ -524,6 +533,33 @@ def test_getxattr_size_protocol_and_setxattr_flags(sess: PipeSession) -> None:
     plain = abi.SETXATTR_IN.pack(2, 0) + b"user.b\0xy"
     trio.run(sess._dispatch, request(abi.Op.SETXATTR, 2, plain))
     assert sess.take()[0] == 0 and sess.fs.xattrs[b"user.b"] == b"xy"
+
+
+def _ioctl(cmd: int, arg: bytes = b"", out_size: int = 0) -> bytes:
+    return request(abi.Op.IOCTL, 2, abi.IOCTL_IN.pack(7, 0, cmd, 0, len(arg), out_size) + arg)
+
+
+def test_ioctl_serves_the_fileattr_forms_only(sess: PipeSession) -> None:
+    """The kernel's fuse_priv_ioctl: a 4-byte flags word or a 28-byte struct fsxattr, out
+    after an ioctl_out with result 0; in for the setters. Any other command: ENOTTY."""
+    trio.run(sess._dispatch, _ioctl(0x80086601, out_size=4))
+    error, _, body = sess.take()
+    assert (error, body) == (0, abi.IOCTL_OUT.pack(0, 0, 0, 0) + struct.pack("=I", 0x80010))
+    trio.run(sess._dispatch, _ioctl(0x801C581F, out_size=28))
+    error, _, body = sess.take()
+    assert error == 0 and body[16:] == struct.pack("=IIIII8x", 0x80010, 1, 2, 3, 4)
+    trio.run(sess._dispatch, _ioctl(0x40086602, struct.pack("=I", 0x40)))
+    assert sess.take()[:2] == (0, 5)
+    trio.run(sess._dispatch, _ioctl(0x401C5820, struct.pack("=IIIII8x", 0x80, 0, 0, 9, 0)))
+    assert sess.take()[0] == 0
+    assert sess.fs.calls == [("fileattr_get", 2, False), ("fileattr_get", 2, True),
+                             ("fileattr_set", 2, FileAttr(0x40)),
+                             ("fileattr_set", 2, FileAttr(0x80, (0, 0, 9, 0)))]
+    trio.run(sess._dispatch, _ioctl(0x40086602, b"\1"))  # shorter than an int
+    assert sess.take()[0] == -errno.EINVAL
+    trio.run(sess._dispatch, _ioctl(0x80087601, out_size=8))  # FS_IOC_GETVERSION
+    assert sess.take()[0] == -errno.ENOTTY
+    assert len(sess.fs.calls) == 4
 
 
 def test_init_negotiates_passthrough_only_without_writeback(sess: PipeSession) -> None:
