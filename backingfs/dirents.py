@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import inspect
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -39,19 +38,20 @@ DOT_ENTRIES = 2
 
 
 def reply_dots(off: int, dot_entry: Callable[[bytes], Entry | DirEntry],
-               reply: Callable[[DirEntry], bool]) -> int | None:
+               reply: Callable[[DirEntry], bool], shift: int = 0) -> int | None:
     """Reply the dot entries not yet delivered at listing offset ``off``.
 
     ``dot_entry(name)`` builds the Entry of ``b"."`` or ``b".."`` and takes its lookup
-    reference (the fsapi rule), or returns a bare DirEntry (no reference). Returns the
-    snapshot offset to go on from, or None when the kernel's buffer is full (the bridge
-    then gives back the rejected entry's reference)."""
+    reference (the fsapi rule), or returns a bare DirEntry (no reference). Their
+    ``next_off`` is 1 and 2, plus ``shift`` (a generation a filesystem keeps in the high
+    bits of its offsets). Returns the snapshot offset to go on from, or None when the
+    kernel's buffer is full (the bridge then gives back the rejected entry's reference)."""
     for i, name in enumerate(DOTS):
         if i < off:
             continue
         made = dot_entry(name)
-        d = (made._replace(next_off=i + 1) if isinstance(made, DirEntry)
-             else DirEntry(name, made, i + 1))
+        d = (made._replace(next_off=i + 1 + shift) if isinstance(made, DirEntry)
+             else DirEntry(name, made, i + 1 + shift))
         if not reply(d):
             return None
     return max(off - DOT_ENTRIES, 0)
@@ -87,6 +87,11 @@ class DirSnapshot(Generic[P]):
             name, payload = self._items[index]
             yield DirItem(name, payload, index + 1)
 
+    @property
+    def items(self) -> tuple[tuple[bytes, P], ...]:
+        """``(name, payload)`` in order; item ``i`` has offset ``i + 1`` (resumes after it)."""
+        return self._items
+
     def names(self) -> list[bytes]:
         return [name for name, _ in self._items]
 
@@ -94,17 +99,19 @@ class DirSnapshot(Generic[P]):
         return len(self._items)
 
 
-MakeEntry = Callable[[bytes, P], DirEntry | Awaitable[DirEntry]]
+MakeEntry = Callable[[bytes, P], Entry | DirEntry | Awaitable[Entry | DirEntry]]
 
 
 async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
-               reply: ReaddirReply, relieve: Callable[[], bool] | None = None) -> int:
+               reply: ReaddirReply, relieve: Callable[[], bool] | None = None,
+               shift: int = 0) -> int:
     """Reply with the snapshot's entries from ``off`` until ``reply`` returns False.
 
-    For each item, ``make_entry(name, payload)`` (plain or async) builds a ``DirEntry``
-    and takes one lookup reference on its inode; ``fill`` sets the entry's ``next_off``
-    (whatever ``make_entry`` put there is replaced) and passes it to ``reply``. The entry
-    ``reply`` rejects keeps its reference: the caller (the bridge) gives it back.
+    For each item, ``make_entry(name, payload)`` (plain or async) builds its ``Entry`` (or
+    a ``DirEntry``, e.g. a bare one) and takes one lookup reference on its inode; ``fill``
+    makes the ``DirEntry`` with the item's ``next_off`` plus ``shift`` (whatever a given
+    DirEntry had there is replaced) and passes it to ``reply``. The entry ``reply``
+    rejects keeps its reference: the caller (the bridge) gives it back.
 
     An item whose ``make_entry`` raises ENOENT vanished since the snapshot and is skipped.
     Any other ``OSError`` is raised if nothing was replied yet; after partial output ``fill``
@@ -115,11 +122,14 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
     Returns the number of entries ``reply`` accepted.
     """
     accepted = 0
-    for item in snapshot.entries_from(off):
+    # Runs once per entry of every listing: no per-item tuple, one DirEntry built.
+    items = snapshot.items
+    for index in range(max(off, 0), len(items)):
+        name, payload = items[index]
         try:
-            entry = make_entry(item.name, item.payload)
-            if inspect.isawaitable(entry):
-                entry = await entry
+            made = make_entry(name, payload)
+            if made.__class__ is not Entry and made.__class__ is not DirEntry:
+                made = await made  # type: ignore[misc]
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 continue
@@ -128,14 +138,17 @@ async def fill(snapshot: DirSnapshot[P], off: int, make_entry: MakeEntry[P],
             if relieve is None or exc.errno not in fdpressure.NO_FDS:
                 raise
             try:
-                entry = await fdpressure.retry(
-                    relieve, functools.partial(make_entry, item.name, item.payload), exc)
+                made = await fdpressure.retry(
+                    relieve, functools.partial(make_entry, name, payload), exc)
             except OSError as again:
                 if again.errno == errno.ENOENT:
                     continue
                 raise
-        if entry.next_off != item.next_off:
-            entry = entry._replace(next_off=item.next_off)
+        next_off = index + 1 + shift
+        if made.__class__ is Entry:
+            entry = DirEntry(name, made, next_off)  # type: ignore[arg-type]
+        else:
+            entry = made._replace(next_off=next_off)  # type: ignore[union-attr]
         if not reply(entry):
             break
         accepted += 1

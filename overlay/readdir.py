@@ -145,17 +145,14 @@ async def readdir_inode(sb: Superblock, inode: OvlInode, off: int,
         # Its end was read (the kernel caches the listing): a big one is not kept for a
         # seekdir after a change, which then reads on in a fresh snapshot.
         listings.pop(gen, None)
-    base = gen << _POS_BITS
-
-    def tagged(entry: DirEntry) -> bool:
-        return reply(entry._replace(next_off=base | entry.next_off))
-
-    await _fill_listing(sb, inode, snap, pos, tagged)
+    # The generation in the high bits: offsets below 2**32 add to it as they or into it.
+    await _fill_listing(sb, inode, snap, pos, reply, gen << _POS_BITS)
 
 
 async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int], off: int,
-                        reply: ReaddirReply) -> None:
-    """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2)."""
+                        reply: ReaddirReply, base: int = 0) -> None:
+    """Dots, then ``snap`` from listing offset ``off`` (dots at 1 and 2); ``base`` is
+    added to every offset replied."""
     from .namei import adopt, find_upper, resolve
 
     def dot_entry(name: bytes) -> Entry | DirEntry:
@@ -166,11 +163,11 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
         sb.inodes.ref(target.ino)
         return make_entry(sb, target)
 
-    start = reply_dots(off, dot_entry, reply)
+    start = reply_dots(off, dot_entry, reply, base)
     if start is None:
         return
 
-    def make(name: bytes, d_type: int) -> DirEntry:
+    def make(name: bytes, d_type: int) -> Entry:
         known, upper_st = find_upper(sb, inode, name)
         if known is not None:
             child, st = known
@@ -181,16 +178,13 @@ async def _fill_listing(sb: Superblock, inode: OvlInode, snap: DirSnapshot[int],
             st = res.st
             child = adopt(sb, inode, name, res)
         try:
-            entry = make_entry(sb, child, st)
+            return make_entry(sb, child, st)
         except BaseException:
             sb.inodes.forget(child.ino, 1)
             raise
-        return DirEntry(name, entry, 0)
 
-    def shifted(entry: DirEntry) -> bool:
-        return reply(DirEntry(entry.name, entry.entry, entry.next_off + DOT_ENTRIES))
-
-    await fill(snap, start, make, shifted, relieve=sb.inodes.prune_now)
+    await fill(snap, start, make, reply, relieve=sb.inodes.prune_now,
+               shift=base + DOT_ENTRIES)
 
 
 async def releasedir(sb: Superblock, fh: int) -> None:
