@@ -1,0 +1,301 @@
+"""lsattr/chattr through the mount: the file attributes of FS_IOC_GETFLAGS/SETFLAGS and of
+FS_IOC_FSGETXATTR/FSSETXATTR on regular files and directories, and what +i and +a then
+forbid.
+
+On a FUSE mount the kernel turns both forms into FUSE_IOCTL (native session). ext4 and
+the kernel's overlayfs agree on every outcome here, including the errors: ENOTTY for a
+fifo (the VFS asks no filesystem), EOPNOTSUPP for a flag ext4 does not take on a file and for a
+project id without project quotas.
+
+The pyfuse3 front-end has no FUSE_IOCTL handler: libfuse answers ENOSYS, and lsattr and
+chattr fail with ENOTTY/EOPNOTSUPP there.
+
+Every test that sets +i or +a takes them off again whatever happens (``protected``):
+a flagged object left in the test directory could not be removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from test_bhv_perms import as_nobody
+
+from backingfs.testing import raises_errno
+
+pytestmark = pytest.mark.timeout(60)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+GETFLAGS, SETFLAGS = 0x80086601, 0x40086602
+FSGETXATTR, FSSETXATTR = 0x801C581F, 0x401C5820
+FSX = struct.Struct("=IIIII8x")
+SYNC, IMMUTABLE, APPEND, NODUMP, NOATIME = 0x8, 0x10, 0x20, 0x40, 0x80
+CASEFOLD = 0x40000000  # FS_CASEFOLD_FL: for directories only on ext4, refused on a file
+X_IMMUTABLE, X_APPEND, X_SYNC, X_NOATIME, X_NODUMP = 0x8, 0x10, 0x20, 0x40, 0x80
+#: The bits these tests set; the rest (extents, ...) are the filesystem's choice.
+OURS = SYNC | IMMUTABLE | APPEND | NODUMP | NOATIME
+
+_NO_IOCTL = ("pyfuse3 3.5 has no FUSE_IOCTL handler (libfuse answers ENOSYS): lsattr and "
+             "chattr through the mount fail")
+
+
+def _differs_on_pyfuse3(fn: F) -> F:
+    for name in ("passthru-pyfuse3", "overlay-lower-pyfuse3"):
+        fn = pytest.mark.differs(name, reason=_NO_IOCTL)(fn)
+    return fn
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def getflags(path: Path) -> int:
+    fd = _open(path)
+    try:
+        return struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+    finally:
+        os.close(fd)
+
+
+def chattr(path: Path, add: int = 0, remove: int = 0) -> int:
+    """chattr(1)'s read-modify-write; the flags read back afterwards."""
+    fd = _open(path)
+    try:
+        flags = struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+        fcntl.ioctl(fd, SETFLAGS, struct.pack("=I", (flags | add) & ~remove))
+        return struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+    finally:
+        os.close(fd)
+
+
+def fsx(path: Path) -> list[int]:
+    fd = _open(path)
+    try:
+        return list(FSX.unpack(fcntl.ioctl(fd, FSGETXATTR, bytes(FSX.size))))
+    finally:
+        os.close(fd)
+
+
+def set_fsx(path: Path, fields: list[int]) -> None:
+    fd = _open(path)
+    try:
+        fcntl.ioctl(fd, FSSETXATTR, FSX.pack(*fields))
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def protected(fs: Path, behind: Path | None, *names: str, flag: int) -> Iterator[None]:
+    """Set ``flag`` (+i or +a) on ``names`` through the mount; take +i/+a off them again on
+    the way out, through the mount, else behind it (chattr -ia on the backing object)."""
+    try:
+        for name in names:
+            chattr(fs / name, add=flag)
+        yield
+    finally:
+        for name in names:
+            try:
+                chattr(fs / name, remove=IMMUTABLE | APPEND)
+            except OSError:
+                for root in (behind, fs):
+                    if root is not None and (root / name).exists():
+                        subprocess.run(["chattr", "-ia", str(root / name)],
+                                       capture_output=True, check=False)
+
+
+def outcome(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "ok"
+
+
+def write(path: Path, flags: int = os.O_WRONLY, data: bytes = b"w") -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@_differs_on_pyfuse3
+def test_new_objects_carry_none_of_these_flags(fs: Path) -> None:
+    (fs / "f").write_bytes(b"data")
+    (fs / "d").mkdir()
+    assert getflags(fs / "f") & OURS == 0
+    assert getflags(fs / "d") & OURS == 0
+    assert fsx(fs / "f")[0] & (X_IMMUTABLE | X_APPEND | X_SYNC | X_NOATIME | X_NODUMP) == 0
+
+
+@_differs_on_pyfuse3
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_nodump_noatime_sync_set_and_cleared(fs: Path, kind: str) -> None:
+    path = fs / kind
+    if kind == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(b"data")
+    assert chattr(path, add=NODUMP | NOATIME | SYNC) & OURS == NODUMP | NOATIME | SYNC
+    assert getflags(path) & OURS == NODUMP | NOATIME | SYNC  # a fresh open sees them
+    assert chattr(path, remove=NOATIME | SYNC) & OURS == NODUMP
+    assert chattr(path, remove=NODUMP) & OURS == 0
+    if kind == "file":
+        assert path.read_bytes() == b"data"
+
+
+@_differs_on_pyfuse3
+def test_both_forms_show_the_same_flags(fs: Path) -> None:
+    (fs / "f").write_bytes(b"data")
+    chattr(fs / "f", add=NODUMP)
+    fields = fsx(fs / "f")
+    assert fields[0] & X_NODUMP
+    fields[0] |= X_NOATIME
+    set_fsx(fs / "f", fields)
+    assert getflags(fs / "f") & OURS == NODUMP | NOATIME
+    assert fsx(fs / "f")[0] & (X_NODUMP | X_NOATIME) == X_NODUMP | X_NOATIME
+
+
+@_differs_on_pyfuse3
+def test_immutable_file_refuses_changes_until_cleared(fs: Path, behind: Path | None,
+                                                     target_name: str) -> None:
+    (fs / "f").write_bytes(b"fixed")
+    with protected(fs, behind, "f", flag=IMMUTABLE):
+        assert getflags(fs / "f") & OURS == IMMUTABLE
+        got = {
+            "write": outcome(lambda: write(fs / "f")),
+            "append": outcome(lambda: write(fs / "f", os.O_WRONLY | os.O_APPEND)),
+            "truncate": outcome(lambda: os.truncate(fs / "f", 0)),
+            "chmod": outcome(lambda: os.chmod(fs / "f", 0o600)),
+            "utime": outcome(lambda: os.utime(fs / "f")),
+            "setxattr": outcome(lambda: os.setxattr(fs / "f", "user.x", b"1")),
+            "rename": outcome(lambda: os.rename(fs / "f", fs / "g")),
+            "link": outcome(lambda: os.link(fs / "f", fs / "h")),
+            "unlink": outcome(lambda: os.unlink(fs / "f")),
+            "read": outcome(lambda: (fs / "f").read_bytes()),
+            "chattr +d": outcome(lambda: chattr(fs / "f", add=NODUMP)),
+        }
+        # ext4 changes no other flag of an immutable file; the kernel's overlayfs keeps +i
+        # in an xattr, and sets the others on an upper file that is not immutable.
+        overlay = "overlay" in target_name
+        assert got == {**dict.fromkeys(got, "EPERM"), "read": "ok",
+                       "chattr +d": "ok" if overlay else "EPERM"}
+        assert (fs / "f").read_bytes() == b"fixed"
+        chattr(fs / "f", remove=IMMUTABLE)
+        write(fs / "f", os.O_WRONLY | os.O_APPEND, b"!")
+        assert (fs / "f").read_bytes() == b"fixed!"
+    os.unlink(fs / "f")
+    assert os.listdir(fs) == []
+
+
+@_differs_on_pyfuse3
+def test_append_only_file_takes_appends_only(fs: Path, behind: Path | None) -> None:
+    (fs / "log").write_bytes(b"one\n")
+    with protected(fs, behind, "log", flag=APPEND):
+        write(fs / "log", os.O_WRONLY | os.O_APPEND, b"two\n")
+        got = {
+            "write": outcome(lambda: write(fs / "log")),
+            "rdwr": outcome(lambda: write(fs / "log", os.O_RDWR)),
+            "trunc": outcome(lambda: write(fs / "log", os.O_WRONLY | os.O_APPEND | os.O_TRUNC)),
+            "truncate": outcome(lambda: os.truncate(fs / "log", 0)),
+            "unlink": outcome(lambda: os.unlink(fs / "log")),
+            "rename": outcome(lambda: os.rename(fs / "log", fs / "x")),
+        }
+        assert got == dict.fromkeys(got, "EPERM")
+        assert (fs / "log").read_bytes() == b"one\ntwo\n"
+    write(fs / "log", os.O_WRONLY | os.O_TRUNC, b"reset")
+    assert (fs / "log").read_bytes() == b"reset"
+
+
+@_differs_on_pyfuse3
+def test_immutable_directory_keeps_its_names(fs: Path, behind: Path | None) -> None:
+    (fs / "d").mkdir()
+    (fs / "d" / "x").write_bytes(b"x")
+    with protected(fs, behind, "d", flag=IMMUTABLE):
+        got = {
+            "create": outcome(lambda: write(fs / "d" / "new", os.O_WRONLY | os.O_CREAT)),
+            "mkdir": outcome(lambda: os.mkdir(fs / "d" / "sub")),
+            "unlink": outcome(lambda: os.unlink(fs / "d" / "x")),
+            "rename in": outcome(lambda: os.rename(fs / "d" / "x", fs / "d" / "y")),
+            "rmdir": outcome(lambda: os.rmdir(fs / "d")),
+        }
+        assert got == dict.fromkeys(got, "EPERM")
+        assert os.listdir(fs / "d") == ["x"]
+        write(fs / "d" / "x", os.O_WRONLY | os.O_APPEND)  # the file itself is not +i
+    write(fs / "d" / "new", os.O_WRONLY | os.O_CREAT)
+    assert sorted(os.listdir(fs / "d")) == ["new", "x"]
+
+
+@_differs_on_pyfuse3
+def test_append_only_directory_takes_new_names_only(fs: Path, behind: Path | None) -> None:
+    (fs / "d").mkdir()
+    (fs / "d" / "x").write_bytes(b"x")
+    with protected(fs, behind, "d", flag=APPEND):
+        write(fs / "d" / "new", os.O_WRONLY | os.O_CREAT)
+        assert outcome(lambda: os.unlink(fs / "d" / "x")) == "EPERM"
+        assert outcome(lambda: os.rename(fs / "d" / "x", fs / "x")) == "EPERM"
+        assert sorted(os.listdir(fs / "d")) == ["new", "x"]
+    os.unlink(fs / "d" / "x")
+
+
+@_differs_on_pyfuse3
+def test_refusals_of_the_filesystem_come_through(fs: Path) -> None:
+    (fs / "f").write_bytes(b"data")
+    with raises_errno(errno.EOPNOTSUPP):  # not a flag ext4 takes on a file
+        chattr(fs / "f", add=CASEFOLD)
+    fields = fsx(fs / "f")
+    fields[3] = 5  # a project id, without project quotas
+    with raises_errno(errno.EOPNOTSUPP):
+        set_fsx(fs / "f", fields)
+    assert getflags(fs / "f") & OURS == 0
+
+
+def test_a_fifo_has_no_file_attributes(fs: Path) -> None:
+    """The VFS answers ENOTTY itself: no target is asked, pyfuse3's included."""
+    os.mkfifo(fs / "p")
+    with raises_errno(errno.ENOTTY):
+        getflags(fs / "p")
+    with raises_errno(errno.ENOTTY):
+        chattr(fs / "p", add=NODUMP)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@_differs_on_pyfuse3
+def test_only_the_owner_and_only_with_cap_linux_immutable(fs: Path,
+                                                          behind: Path | None) -> None:
+    """The kernel checks the caller (inode_owner_or_capable, CAP_LINUX_IMMUTABLE) before
+    the filesystem is asked, against the attributes the mount shows."""
+    os.chmod(fs, 0o777)
+    (fs / "roots").write_bytes(b"r")
+    (fs / "theirs").write_bytes(b"t")
+    os.chown(fs / "theirs", 65534, 65534)
+    try:
+        out = as_nobody(f"""
+import fcntl, struct
+def chattr(path, add):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = struct.unpack("=I", fcntl.ioctl(fd, {GETFLAGS}, bytes(4)))[0]
+        fcntl.ioctl(fd, {SETFLAGS}, struct.pack("=I", flags | add))
+    finally:
+        os.close(fd)
+attempt("nodump on root's", chattr, {str(fs / "roots")!r}, {NODUMP})
+attempt("nodump on own", chattr, {str(fs / "theirs")!r}, {NODUMP})
+attempt("immutable on own", chattr, {str(fs / "theirs")!r}, {IMMUTABLE})
+""")
+        assert out == {"nodump on root's": "EPERM", "nodump on own": "ok",
+                       "immutable on own": "EPERM"}
+        assert getflags(fs / "theirs") & OURS == NODUMP
+        assert getflags(fs / "roots") & OURS == 0
+    finally:
+        with protected(fs, behind, "theirs", flag=0):
+            pass
