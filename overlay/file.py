@@ -333,6 +333,7 @@ async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -
         if not handle.is_upper:
             raise OSError(errno.EBADF, "file not open for writing")
         inode = handle.inode
+        protattr.check_fallocate(sb, inode, mode)
         file.get()
         try:
             async with inode.lock:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 IMMUTABLE = STATX_ATTR_IMMUTABLE
 APPEND = STATX_ATTR_APPEND
 PROTECTED = IMMUTABLE | APPEND
+FALLOC_FL_KEEP_SIZE = 0x01
 _CHARS = ((APPEND, b"a"), (IMMUTABLE, b"i"))
 
 
@@ -118,6 +119,14 @@ def check_setattr(sb: Superblock, inode: OvlInode, *, times_now: bool) -> None:
     prot = flags(sb, inode)
     if prot & IMMUTABLE or (prot & APPEND and not times_now):
         raise _refuse("setattr")
+
+
+def check_fallocate(sb: Superblock, inode: OvlInode, mode: int) -> None:
+    """``vfs_fallocate``, at every call (the handle may predate the flag): nothing on +i;
+    on +a only an allocation that keeps the size, which changes no byte."""
+    prot = flags(sb, inode)
+    if prot & IMMUTABLE or (prot & APPEND and mode & ~FALLOC_FL_KEEP_SIZE):
+        raise _refuse("fallocate")
 
 
 def check_add(sb: Superblock, parent: OvlInode) -> None:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import pytest
 from test_bhv_perms import as_nobody
 
+from backingfs.syscalls import fallocate
 from backingfs.testing import raises_errno
 
 pytestmark = pytest.mark.timeout(60)
@@ -214,6 +215,39 @@ def test_append_only_file_takes_appends_only(fs: Path, behind: Path | None) -> N
         assert (fs / "log").read_bytes() == b"one\ntwo\n"
     write(fs / "log", os.O_WRONLY | os.O_TRUNC, b"reset")
     assert (fs / "log").read_bytes() == b"reset"
+
+
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+@_differs_on_pyfuse3
+@pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
+def test_fallocate_on_a_handle_opened_before_the_flag(fs: Path, behind: Path | None,
+                                                      flag: int) -> None:
+    """vfs_fallocate checks the flags at every call, not at open: on +i nothing, on +a
+    only what changes no byte (plain allocation, with or without KEEP_SIZE)."""
+    (fs / "f").write_bytes(b"x" * 8192)
+    fd = os.open(fs / "f", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with protected(fs, behind, "f", flag=flag):
+            got = {
+                "allocate": outcome(lambda: fallocate(fd, 0, 0, 16384)),
+                "keep size": outcome(lambda: fallocate(fd, KEEP_SIZE, 16384, 4096)),
+                "punch hole": outcome(lambda: fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 0, 4096)),
+                "zero range": outcome(lambda: fallocate(fd, ZERO_RANGE, 0, 4096)),
+            }
+            assert (fs / "f").read_bytes()[:8192] == b"x" * 8192
+        if flag == IMMUTABLE:
+            assert got == dict.fromkeys(got, "EPERM")
+            assert os.stat(fs / "f").st_size == 8192
+        else:
+            assert got == {"allocate": "ok", "keep size": "ok", "punch hole": "EPERM",
+                           "zero range": "EPERM"}
+            assert os.stat(fs / "f").st_size == 16384
+        fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 0, 4096)  # the flag is off again
+        assert os.pread(fd, 8, 0) == bytes(8)
+    finally:
+        os.close(fd)
 
 
 @_differs_on_pyfuse3
