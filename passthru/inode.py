@@ -227,6 +227,15 @@ async def listxattr(fs: PassthruFs, ino: int, caller: Caller) -> list[bytes]:
     return xattrs.flistxattr(fs.live(ino).fd)
 
 
+async def setxattr_prepare(fs: PassthruFs, ino: int) -> None:
+    """Before the front-end's XATTR_CREATE/REPLACE check: the VFS's ``xattr_permission``
+    refuses any change of an immutable or append-only object first (EPERM, not the
+    check's ENODATA/EEXIST), and the FUSE inode carries no such flag for it to see."""
+    if syscalls.statx_attributes(fs.live(ino).fd) & (syscalls.STATX_ATTR_IMMUTABLE
+                                                     | syscalls.STATX_ATTR_APPEND):
+        raise OSError(errno.EPERM, "xattr change: immutable or append-only (chattr)")
+
+
 async def setxattr(fs: PassthruFs, ino: int, name: bytes, value: bytes,
                    caller: Caller) -> None:
     # pyfuse3 passes no flags: it emulates XATTR_CREATE/REPLACE with a getxattr first.

@@ -142,6 +142,9 @@ class PassthruFs(Filesystem):
     async def statfs(self, caller: Caller) -> Statfs:
         return await inode_ops.statfs(self, caller)
 
+    async def setxattr_prepare(self, ino: int, name: bytes, caller: Caller) -> None:
+        await inode_ops.setxattr_prepare(self, ino)
+
     async def getxattr(self, ino: int, name: bytes, caller: Caller) -> bytes:
         return await inode_ops.getxattr(self, ino, name, caller)
 

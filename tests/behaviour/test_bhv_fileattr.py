@@ -217,6 +217,28 @@ def test_append_only_file_takes_appends_only(fs: Path, behind: Path | None) -> N
     assert (fs / "log").read_bytes() == b"reset"
 
 
+@_differs_on_pyfuse3
+@pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
+def test_xattr_create_and_replace_refused_before_their_own_checks(
+        fs: Path, behind: Path | None, flag: int) -> None:
+    """xattr_permission's EPERM comes before XATTR_CREATE's EEXIST and XATTR_REPLACE's
+    ENODATA (the FUSE front-end checks those itself: the daemon must refuse first)."""
+    (fs / "f").write_bytes(b"x")
+    os.setxattr(fs / "f", "user.there", b"1")
+    with protected(fs, behind, "f", flag=flag):
+        got = {
+            "replace missing": outcome(lambda: os.setxattr(fs / "f", "user.gone", b"2",
+                                                           os.XATTR_REPLACE)),
+            "create existing": outcome(lambda: os.setxattr(fs / "f", "user.there", b"2",
+                                                           os.XATTR_CREATE)),
+            "replace existing": outcome(lambda: os.setxattr(fs / "f", "user.there", b"2",
+                                                            os.XATTR_REPLACE)),
+            "remove": outcome(lambda: os.removexattr(fs / "f", "user.there")),
+        }
+        assert got == dict.fromkeys(got, "EPERM")
+        assert os.getxattr(fs / "f", "user.there") == b"1"
+
+
 KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
 
 

@@ -16,18 +16,25 @@ ENOENT/EEXIST/ENOTEMPTY/ENOTDIR/EISDIR/EXDEV come up often. Operations: create, 
 write at offsets (holes), append, truncate, read, mkdir, rmdir, unlink, rename (plain,
 RENAME_NOREPLACE, RENAME_EXCHANGE through renameat2), link, symlink (relative, never
 leaving the tree), readlink, stat, lstat, chmod, utime, set/get/remove/listxattr on user.*,
-readdir, and up to three fds held open across other ops (open, pread, pwrite, ftruncate,
-fstat, close). Every open is O_NONBLOCK so a FIFO never blocks.
+readdir, lsattr and chattr (+i, +a, +d, +A, +S set and cleared; +i only while no fd is
+held, see ``Generator.next``), and up to three fds held open across other ops (open, pread,
+pwrite, ftruncate, fallocate in five modes, fstat, close). Every open is O_NONBLOCK so a
+FIFO never blocks. Each starting tree holds protected objects (an append-only file; in the
+overlay pair an immutable lower file too), and everything is made removable again
+(``unprotect``) before a clean run's directory is deleted.
 
 After each operation the runner compares: the outcome (success value or errno), then for
 every path the op named and its parent directory: the lstat subset (type, permission bits,
 size and nlink of non-directories, uid, gid; directory nlink for passthru), the user.*
-xattrs, a regular file's bytes, a symlink's target, a directory's readdir set (name, type).
+xattrs, the lsattr flags above of files and directories, a regular file's bytes, a
+symlink's target, a directory's readdir set (name, type). One difference in errno is
+accepted, ``same_refusal``: both sides refuse to remove a protected object, in another order.
 Every ``remount_every`` ops, open fds are closed, the FUSE target (and the kernel overlay) is
 unmounted cleanly and mounted again over the same source/layers, and the whole trees are
 compared; once more at the end. For the overlay pair, while ours is unmounted, kernel
 overlayfs is also mounted read-only over *our* layers (our upper as the top lower) and must
-show the reference's tree: what we left on disk means the same to the kernel.
+show the reference's tree: what we left on disk means the same to the kernel (flags
+excepted: the kernel reads overlay.protattr only from an upper layer).
 
 What is never compared, and why (legitimate differences, not bugs):
 - st_ino / st_dev values: ours are FUSE node ids on the FUSE device; the kernel overlay
@@ -63,11 +70,13 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import random
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -82,6 +91,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from backingfs.syscalls import fallocate  # noqa: E402
 from backingfs.testing import (  # noqa: E402
     Mount,
     cli_argv,
@@ -95,11 +105,36 @@ MAX_DEPTH = 3
 SLOTS = 3                 # open-fd slots an op sequence may hold at once
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 AT_FDCWD = -100
+GETFLAGS, SETFLAGS = 0x80086601, 0x40086602
+FL_SYNC, FL_IMMUTABLE, FL_APPEND, FL_NODUMP, FL_NOATIME = 0x8, 0x10, 0x20, 0x40, 0x80
+#: The file attributes the ops set and the observations compare (the rest, extents and
+#: such, are the filesystem's own).
+FLAGS = FL_SYNC | FL_IMMUTABLE | FL_APPEND | FL_NODUMP | FL_NOATIME
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
 KERNEL_OVERLAY_OPTS = "redirect_dir=off,index=off,metacopy=off"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
+
+
+def fileattr(path: str, add: int = 0, remove: int = 0) -> int:
+    """lsattr (and chattr's read-modify-write when asked): the FLAGS bits afterwards."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        flags = struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+        if add or remove:
+            fcntl.ioctl(fd, SETFLAGS, struct.pack("=I", (flags | add) & ~remove))
+            flags = struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+        return flags & FLAGS
+    finally:
+        os.close(fd)
+
+
+def unprotect(base: Path) -> None:
+    """Take +i/+a off everything under ``base`` (behind any mount), so it can be removed."""
+    subprocess.run(["chattr", "-R", "-f", "-ia", str(base)], capture_output=True,
+                   check=False)
 
 
 def renameat2(old: str, new: str, flags: int) -> None:
@@ -140,6 +175,7 @@ def build_plain_tree(root: Path, rng: random.Random) -> None:
     os.link(root / "b", root / "a" / "d")
     os.symlink("a/b", root / "c")
     os.setxattr(root / "a", "user.dir", b"x")
+    fileattr(str(root / "a" / "c" / "d"), add=FL_APPEND | FL_NODUMP)
 
 
 def build_layers(lower1: Path, lower2: Path, upper: Path, rng: random.Random,
@@ -164,6 +200,10 @@ def build_layers(lower1: Path, lower2: Path, upper: Path, rng: random.Random,
     write_file(lower1 / "a" / "a", rng.randbytes(300))
     os.symlink("a/b", lower1 / "c")
     os.setxattr(lower1 / "a", "user.dir", b"x")
+    # Protected lower objects: their flags come from the lower inode until a copy-up
+    # records them in the upper's overlay.protattr.
+    fileattr(str(lower1 / "a" / "a"), add=FL_APPEND | FL_NODUMP)
+    fileattr(str(lower2 / "a" / "b"), add=FL_IMMUTABLE)
     (upper / "a" / "c").mkdir(parents=True)
     os.mknod(upper / "a" / "c" / "d", stat.S_IFCHR | 0o000, os.makedev(0, 0))
     (upper / "d").mkdir()
@@ -423,8 +463,9 @@ def dir_listing(path: str) -> list[tuple[str, str]] | str:
         return errname(e)
 
 
-def observe(root: Path, rel: str, dir_nlink: bool = False) -> dict[str, Any]:
-    """Everything compared about one path."""
+def observe(root: Path, rel: str, dir_nlink: bool = False,
+            flags: bool = True) -> dict[str, Any]:
+    """Everything compared about one path (``flags``: lsattr's, of files and directories)."""
     path = str(root / rel) if rel else str(root)
     try:
         st = os.lstat(path)
@@ -432,6 +473,11 @@ def observe(root: Path, rel: str, dir_nlink: bool = False) -> dict[str, Any]:
         return {"lstat": errname(e)}
     obs: dict[str, Any] = {"lstat": stat_subset(st, dir_nlink),
                            "xattrs": user_xattrs(path)}
+    if flags and (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        try:
+            obs["flags"] = fileattr(path)
+        except OSError as e:
+            obs["flags"] = errname(e)
     if stat.S_ISDIR(st.st_mode):
         obs["readdir"] = dir_listing(path)
     elif stat.S_ISLNK(st.st_mode):
@@ -602,6 +648,18 @@ class Generator:
             op["path"] = self.path(tree, "none")
             # Relative, without "..": resolves inside each side's own tree.
             op["target"] = self.any_path() if rng.random() < 0.8 else "nothing/here"
+        elif kind in ("chattr", "lsattr"):
+            op["path"] = self.path(tree, rng.choice(("reg", "dir")))
+            if kind == "chattr":
+                # +i only with no fd open: an fd opened for write before it is the one
+                # known difference (ftruncate: kernel overlayfs allows it, ext4 and we
+                # refuse; tests/behaviour/test_bhv_fileattr.py).
+                adds = (FL_APPEND, FL_NODUMP, FL_NOATIME, FL_SYNC)
+                if not slots:
+                    adds += (FL_IMMUTABLE,)
+                op["add"] = rng.choice(adds) if rng.random() < 0.5 else 0
+                op["remove"] = rng.choice((0, FL_IMMUTABLE | FL_APPEND, FL_IMMUTABLE,
+                                           FL_APPEND, FL_NODUMP | FL_SYNC | FL_NOATIME))
         elif kind == "open":
             op["slot"] = rng.choice([s for s in range(SLOTS) if s not in slots])
             op["path"] = self.path(tree, "reg")
@@ -616,6 +674,11 @@ class Generator:
                 op["len"] = rng.choice((10, 4096, 100_000))
             elif kind == "fdtruncate":
                 op["size"] = rng.choice((0, 5, 8192, 90_000))
+            elif kind == "fallocate":
+                op["mode"] = rng.choice((0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
+                                         ZERO_RANGE | KEEP_SIZE))
+                op["off"] = rng.choice((0, 100, 4096, 70_000))
+                op["len"] = rng.choice((1, 4096, 10_000, 100_000))
         return op
 
 
@@ -624,9 +687,9 @@ WEIGHTS: dict[str, int] = {
     "rmdir": 4, "unlink": 5, "rename": 9, "link": 3, "symlink": 3, "readlink": 1, "stat": 2,
     "lstat": 2, "chmod": 3, "utime": 3, "setxattr": 4, "getxattr": 3, "removexattr": 2,
     "listxattr": 2, "readdir": 4, "open": 3, "fdwrite": 3, "fdread": 3, "fdtruncate": 1,
-    "fdstat": 2, "close": 2,
+    "fdstat": 2, "close": 2, "chattr": 3, "lsattr": 1, "fallocate": 2,
 }
-FD_OPS = {"fdwrite", "fdread", "fdtruncate", "fdstat", "close"}
+FD_OPS = {"fdwrite", "fdread", "fdtruncate", "fdstat", "close", "fallocate"}
 OPEN_FLAGS = (os.O_RDONLY, os.O_RDWR, os.O_WRONLY, os.O_RDWR | os.O_APPEND,
               os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_CREAT)
 
@@ -706,6 +769,10 @@ def apply(side: Side, op: dict[str, Any]) -> Any:
                       if n.startswith("user."))
     if kind == "readdir":
         return sorted(os.listdir(p()))
+    if kind == "chattr":
+        return fileattr(p(), op["add"], op["remove"])
+    if kind == "lsattr":
+        return fileattr(p())
     if kind == "open":
         side.fds[op["slot"]] = os.open(p(), op["flags"] | NB, 0o644)
         return None
@@ -723,6 +790,9 @@ def apply(side: Side, op: dict[str, Any]) -> Any:
         return os.ftruncate(fd, op["size"])
     if kind == "fdstat":
         return stat_subset(os.fstat(fd))
+    if kind == "fallocate":
+        fallocate(fd, op["mode"], op["off"], op["len"])
+        return os.fstat(fd).st_size
     raise ValueError(f"unknown op {kind}")
 
 
@@ -731,6 +801,15 @@ def outcome(side: Side, op: dict[str, Any]) -> tuple[str, Any]:
         return ("ok", apply(side, op))
     except OSError as e:
         return ("err", errname(e))
+
+
+def same_refusal(op: dict[str, Any], target: tuple[str, Any], ref: tuple[str, Any]) -> bool:
+    """Both sides refused, in another order. Removing an immutable or append-only object,
+    or a name from an append-only directory, is EPERM in the VFS's ``may_delete`` before
+    its type checks (ENOTDIR, EISDIR). A FUSE inode carries no S_IMMUTABLE/S_APPEND, so on
+    our mount the VFS answers the type check itself and the daemon is never asked."""
+    return (op["op"] in ("rename", "unlink", "rmdir") and target[0] == ref[0] == "err"
+            and ref[1] == "EPERM" and target[1] in ("ENOTDIR", "EISDIR"))
 
 
 def fmt_op(i: int, op: dict[str, Any]) -> str:
@@ -793,9 +872,12 @@ class Runner:
                       what: str, target_root: Path | None = None) -> None:
         t_root = target_root or self.pair.target.root
         r_root = self.pair.ref.root
+        # Kernel overlayfs over our layers (``compare_layers``) reads no overlay.protattr
+        # from a lower layer, so +i/+a of copied-up objects are compared on our mount only.
+        flags = t_root == self.pair.target.root
         for rel in rels:
             dn = self.pair.dir_nlink
-            ot, orf = observe(t_root, rel, dn), observe(r_root, rel, dn)
+            ot, orf = observe(t_root, rel, dn, flags), observe(r_root, rel, dn, flags)
             if ot != orf:
                 raise self.fail(i, op, f"  {what} of {rel or '/'!r} differs:\n"
                                        + describe_diff(ot, orf))
@@ -868,7 +950,7 @@ class Runner:
                     fd = side.fds.pop(op["slot"], None)
                     if fd is not None:
                         os.close(fd)
-            if ot != orf:
+            if ot != orf and not same_refusal(op, ot, orf):
                 raise self.fail(i, op, f"  outcomes differ:\n    target: {fmt_outcome(ot)}\n"
                                        f"    ref:    {fmt_outcome(orf)}")
             rels: list[str] = []
@@ -916,6 +998,7 @@ def run_pair(pair_name: str, seed: int, ops: int, *, remount_every: int = 100, o
             if side is not None:
                 side.cleanup()
         if made and ok and not keep and nothing_mounted_under(base):
+            unprotect(base)
             shutil.rmtree(base, ignore_errors=True)
     return runner
 

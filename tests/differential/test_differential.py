@@ -84,8 +84,10 @@ def test_a_difference_is_reported_with_seed_op_and_history(
 
     def lying_apply(side: diffrun.Side, op: dict[str, Any]) -> Any:
         if isinstance(side, diffrun.FuseSide) and op["op"] == "write" and not bad:
+            # zeros instead of the data, until one such write lands
+            result = real_apply(side, dict(op, data=bytes(len(op["data"]))))
             bad.append(1)
-            op = dict(op, data=bytes(len(op["data"])))   # zeros instead of the data
+            return result
         return real_apply(side, op)
 
     monkeypatch.setattr(diffrun, "apply", lying_apply)
@@ -99,4 +101,5 @@ def test_a_difference_is_reported_with_seed_op_and_history(
     base = Path(report.rsplit("(ops.log): ", 1)[1].strip())
     assert (base / "ops.log").exists()
     assert diffrun.nothing_mounted_under(base)   # torn down, layers kept for the post-mortem
+    diffrun.unprotect(base)
     shutil.rmtree(base)
