@@ -567,10 +567,9 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
             raise OSError(errno.ENOENT, "no such file or directory", new_name)
         if flags & RENAME_NOREPLACE and dst.exists:
             raise OSError(errno.EEXIST, "file exists", new_name)
-        if src.is_dir and src.lowers:
-            raise OSError(errno.EXDEV, "cannot rename a lower or merged directory")
-        if exchange and dst.is_dir and dst.lowers:
-            raise OSError(errno.EXDEV, "cannot rename a lower or merged directory")
+        # Refused after the VFS's own checks (protattr below: may_delete/may_create), as in
+        # the kernel's ovl_rename.
+        exdev = bool(src.is_dir and src.lowers or exchange and dst.is_dir and dst.lowers)
         if dst.exists and not exchange:
             if src.is_dir and not dst.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory", new_name)
@@ -597,6 +596,8 @@ async def rename(sb: Superblock, old_parent: OvlInode, old_name: bytes,
             protattr.check_add(sb, new_parent)
         else:
             protattr.check_remove(sb, new_parent, dst_inode)
+        if exdev:
+            raise OSError(errno.EXDEV, "cannot rename a lower or merged directory")
         if dst_inode is not None and dst_is_dir and not exchange and \
                 not is_empty(sb, dst_inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)

@@ -21,7 +21,8 @@ odd (non-UTF-8 bytes, a newline, 255 bytes). Operations, with deliberately bad a
     namespaces); create, mkdir, rmdir, unlink, renameat2 with every flag and invalid ones,
     link, symlink (empty, 4 KiB, escaping targets), mkfifo, mknod; chmod with all mode bits,
     chown to odd ids, utimes far in the past and future; readdir, statfs, access; ioctls
-    (GETFLAGS, FICLONE, an unknown one), flock and POSIX locks; plus drop_caches every few
+    (GETFLAGS, SETFLAGS with +i/+a and bits no filesystem takes, FSGETXATTR/FSSETXATTR
+    with garbage, FICLONE, an unknown one), flock and POSIX locks; plus drop_caches every few
     seconds (FORGET storms) from a side thread.
 
 Errnos are fine: a fuzzer expects most calls to fail. What is not fine, and makes the
@@ -91,6 +92,11 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctype
 
 FALLOC_MODES = (0, 0x01, 0x03, 0x10, 0x11, 0x08, 0x20, 0x40, 0x02, 0x80, 0x7F)
 FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+#: chattr's bits, +i and +a among them, and some no filesystem takes
+FLAG_CHOICES = (0, 0x8, 0x10, 0x20, 0x40, 0x80, 0x10 | 0x20, 0x4000, 0x40000000, 0xFFFFFFFF)
 FICLONE = 0x40049409
 FIONREAD = 0x541B
 BAD_IOCTL = 0xC0DE1234
@@ -432,8 +438,19 @@ def op_stat(w: Worker) -> None:
 
 def op_ioctl(w: Worker) -> None:
     fd, r = w.fd(), w.rng.random()
-    if r < 0.4:
+    if r < 0.25:
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)
+    elif r < 0.4:
+        # chattr: mostly clearing +i/+a again, so that the pool stays usable
+        rng = w.rng
+        if rng.random() < 0.5:
+            flags = 0
+        else:
+            flags = rng.choice(FLAG_CHOICES)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(rng.choice((4, 8)), "little"))
+    elif r < 0.5:
+        fcntl.ioctl(fd, w.rng.choice((FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR)),
+                    w.rng.choice((bytes(28), w.rng.randbytes(28), bytes(32))))
     elif r < 0.6:
         fcntl.ioctl(fd, FICLONE, w.fd())
     elif r < 0.8:
@@ -643,6 +660,9 @@ def fuzz_target(name: str, args: argparse.Namespace) -> Result:
             except Exception as e:
                 res.problems.append(f"unmount was not clean: {e}")
         if not args.keep and mount_free(base):
+            # chattr +i/+a (op_ioctl) would keep rm from removing them
+            subprocess.run(["chattr", "-R", "-f", "-ia", str(base)], capture_output=True,
+                           check=False)
             subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
     return res
 
