@@ -5,7 +5,8 @@ forbid.
 On a FUSE mount the kernel turns both forms into FUSE_IOCTL (native session). ext4 and
 the kernel's overlayfs agree on every outcome here, including the errors: ENOTTY for a
 fifo (the VFS asks no filesystem), EOPNOTSUPP for a flag ext4 does not take on a file and for a
-project id without project quotas.
+project id without project quotas. The one exception: what a handle opened before chattr
++i may still write (``_immutable_handle_outcomes``).
 
 The pyfuse3 front-end has no FUSE_IOCTL handler: libfuse answers ENOSYS, and lsattr and
 chattr fail with ENOTTY/EOPNOTSUPP there.
@@ -270,6 +271,174 @@ def test_fallocate_on_a_handle_opened_before_the_flag(fs: Path, behind: Path | N
         assert os.pread(fd, 8, 0) == bytes(8)
     finally:
         os.close(fd)
+
+
+def _fd_getflags(fd: int) -> int:
+    return struct.unpack("=I", fcntl.ioctl(fd, GETFLAGS, bytes(4)))[0]
+
+
+def setflags(path: Path, flags: int) -> None:
+    """SETFLAGS alone on an open of its own, no read-back (chattr(1) reads on that open
+    first; here the value comes from another open)."""
+    fd = _open(path)
+    try:
+        fcntl.ioctl(fd, SETFLAGS, struct.pack("=I", flags))
+    finally:
+        os.close(fd)
+
+
+#: What a handle opened before +i can still do to the file (the calls not refused). ext4
+#: checks +i on the inode at every write and truncate (ext4_write_checks, ext4_setattr),
+#: and so for passthru's targets, whose backing file carries the flag. The kernel's
+#: overlayfs keeps +i on its own inode (``overlay.protattr``), not on the upper file, and
+#: checks it where the VFS does: at open (may_open), in notify_change for mode/owner/times,
+#: in xattr_permission, in vfs_fallocate; write(2) through an open file and ftruncate(2)
+#: (ovl_setattr -> notify_change on the upper inode, size only) then reach an upper file
+#: without the flag. Our overlay keeps +i the same way, so writes pass too (through kernel
+#: passthrough, or the daemon's write to the upper file), but ftruncate(2) comes as
+#: FUSE_SETATTR, which the daemon checks against +i like any setattr
+#: (protattr.check_setattr): EPERM, as ext4.
+_DATA_OPS = ("write", "pwrite", "append write")
+
+
+def _immutable_handle_outcomes(target_name: str) -> dict[str, str]:
+    if target_name == "kernel-overlay":
+        return dict.fromkeys((*_DATA_OPS, "ftruncate"), "ok")
+    if target_name.startswith("overlay-"):
+        return dict.fromkeys(_DATA_OPS, "ok")
+    return {}  # native, passthru*: refused like every change
+
+
+@_differs_on_pyfuse3
+@pytest.mark.tree({"old": b"0123456789"})
+@pytest.mark.parametrize("name", ["new", "old"], ids=["made", "pre-existing"])
+@pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
+def test_handles_opened_before_the_flag(fs: Path, behind: Path | None, target_name: str,
+                                        flag: int, name: str) -> None:
+    """Handles opened (for write, and for append) before chattr +i/+a: what each call
+    through them may still do. On +a every target agrees: data writes anywhere through
+    the old handle (the O_APPEND rule is may_open's), and of the metadata only times set
+    to now (touch). On +i the targets differ for the data: ``_immutable_handle_outcomes``."""
+    if name == "new":
+        (fs / name).write_bytes(b"0123456789")
+    path = fs / name
+    uid = os.stat(path).st_uid
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # an old file: copied up here
+    afd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    try:
+        with protected(fs, behind, name, flag=flag):
+            got = {
+                "write": outcome(lambda: os.write(fd, b"w")),
+                "pwrite": outcome(lambda: os.pwrite(fd, b"p", 2)),
+                "append write": outcome(lambda: os.write(afd, b"A")),
+                "ftruncate": outcome(lambda: os.ftruncate(fd, 4)),
+                "fchmod": outcome(lambda: os.fchmod(fd, 0o600)),
+                "fchown": outcome(lambda: os.fchown(fd, uid, -1)),
+                "futimens now": outcome(lambda: os.utime(fd)),
+                "futimens set": outcome(lambda: os.utime(fd, (1, 1))),
+                "fsetxattr": outcome(lambda: os.setxattr(fd, "user.x", b"1")),
+            }
+            assert _fd_getflags(fd) & OURS == flag
+            data = path.read_bytes()
+        if flag == APPEND:
+            allowed = dict.fromkeys((*_DATA_OPS, "futimens now"), "ok")
+        else:
+            allowed = _immutable_handle_outcomes(target_name)
+        assert got == {**dict.fromkeys(got, "EPERM"), **allowed}
+        written = b"w1p3456789A" if "write" in allowed else b"0123456789"
+        assert data == (written[:4] if "ftruncate" in allowed else written)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        os.ftruncate(fd, 0)  # the flag is off again
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+        os.close(afd)
+
+
+#: Under -o lower_passthrough, an ioctl through an open of a lower file made before that
+#: file was copied up (by another caller, or by the open's own SETFLAGS).
+_LPT_STALE = ("lower_passthrough: the kernel's private FUSE_OPEN for the ioctl, of an inode "
+              "copied up under a lower passthrough open, is answered ESTALE "
+              "(overlay/file.py open), and the kernel retries only a path walk")
+
+
+@_differs_on_pyfuse3
+@pytest.mark.tree({"f": b"data", "d/": None, "d/x": b"x"})
+def test_flags_set_on_one_open_are_seen_by_the_next(fs: Path) -> None:
+    """SETFLAGS with no GETFLAGS on its open, on objects older than the mount (an
+    overlay's lower layer): a new open reads the flags back; an untouched one has none."""
+    assert getflags(fs / "f") & OURS == 0
+    assert getflags(fs / "d") & OURS == 0
+    for name in ("f", "d"):
+        setflags(fs / name, getflags(fs / name) | NODUMP | NOATIME)
+        assert getflags(fs / name) & OURS == NODUMP | NOATIME
+    setflags(fs / "f", getflags(fs / "f") & ~NOATIME)
+    assert getflags(fs / "f") & OURS == NODUMP
+    assert getflags(fs / "d" / "x") & OURS == 0
+    assert (fs / "f").read_bytes() == b"data"
+    assert os.listdir(fs / "d") == ["x"]
+
+
+@_differs_on_pyfuse3
+@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
+@pytest.mark.tree({"f": b"data", "d/": None})
+def test_flags_read_back_on_the_open_that_set_them(fs: Path) -> None:
+    """chattr's read-modify-write and a read-back, all on one open, of objects older than
+    the mount: on an overlay the SETFLAGS copies the object up under that open."""
+    assert chattr(fs / "f", add=NODUMP) & OURS == NODUMP
+    assert chattr(fs / "d", add=NODUMP) & OURS == NODUMP
+    assert chattr(fs / "f", remove=NODUMP) & OURS == 0
+    assert (fs / "f").read_bytes() == b"data"
+
+
+@_differs_on_pyfuse3
+@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
+@pytest.mark.tree({"f": b"old", "d/": None, "d/x": b"x"})
+@pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
+def test_pre_existing_objects_take_the_flags(fs: Path, behind: Path | None,
+                                             flag: int) -> None:
+    with protected(fs, behind, "f", "d", flag=flag):
+        assert getflags(fs / "f") & OURS == flag
+        assert getflags(fs / "d") & OURS == flag
+        got = {
+            "write": outcome(lambda: write(fs / "f")),
+            "append": outcome(lambda: write(fs / "f", os.O_WRONLY | os.O_APPEND, b"+")),
+            "chmod": outcome(lambda: os.chmod(fs / "f", 0o600)),
+            "unlink": outcome(lambda: os.unlink(fs / "f")),
+            "create in dir": outcome(lambda: write(fs / "d" / "n", os.O_WRONLY | os.O_CREAT)),
+            "unlink in dir": outcome(lambda: os.unlink(fs / "d" / "x")),
+        }
+        appends = {"append": "ok", "create in dir": "ok"} if flag == APPEND else {}
+        assert got == {**dict.fromkeys(got, "EPERM"), **appends}
+        assert (fs / "f").read_bytes() == (b"old+" if appends else b"old")
+    assert getflags(fs / "f") & OURS == 0
+    write(fs / "f", os.O_WRONLY | os.O_TRUNC, b"new")
+    os.unlink(fs / "d" / "x")
+    assert (fs / "f").read_bytes() == b"new"
+
+
+@_differs_on_pyfuse3
+@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
+@pytest.mark.tree({"f": b"data", "g": b"data"})
+@pytest.mark.parametrize("copy_up", ["write open", "chmod"])
+def test_lsattr_through_a_handle_opened_before_a_copy_up(fs: Path, copy_up: str) -> None:
+    """A read-only open of an object older than the mount (on an overlay: of its lower
+    file), then a copy-up by another caller: GETFLAGS and SETFLAGS through the first
+    open still work, on the object as it now is."""
+    fd = _open(fs / "f")
+    try:
+        assert _fd_getflags(fd) & OURS == 0
+        if copy_up == "write open":
+            write(fs / "f", os.O_WRONLY | os.O_APPEND, b"+")
+        else:
+            os.chmod(fs / "f", 0o600)
+        assert _fd_getflags(fd) & OURS == 0
+        fcntl.ioctl(fd, SETFLAGS, struct.pack("=I", _fd_getflags(fd) | NODUMP))
+        assert _fd_getflags(fd) & OURS == NODUMP
+        assert getflags(fs / "f") & OURS == NODUMP
+    finally:
+        os.close(fd)
+    assert getflags(fs / "g") & OURS == 0
 
 
 @_differs_on_pyfuse3
