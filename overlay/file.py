@@ -18,7 +18,9 @@ same st_ino, and opens that one. The detached inode's open files keep reading th
 file: fuse-overlayfs's semantics, not the kernel's (reference §B.8). Only an open that
 walks a path is retried by the kernel: while lower passthrough readers of a copied-up file
 last, an open of it that walks no name (through /proc/PID/fd/N, fexecve, or a bind mount of
-the file itself) fails with ESTALE. Such a failed open has changed no data: its copy-up is
+the file itself) fails with ESTALE; the kernel's own read-only open of such an inode for
+lsattr/chattr on an fd made before the copy-up is answered instead (a handle it does not
+use: FUSE_IOCTL goes by node id). Such a failed open has changed no data: its copy-up is
 a whole one, and O_TRUNC is left to the retried open. An open the kernel does not serve
 by passthrough (refused, ``backing_declined``) counts for nothing: a plain handle.
 
@@ -147,6 +149,14 @@ async def open(sb: Superblock, inode: OvlInode, flags: int) -> OpenReply:
     # Checked after the copy-up, which may let a reader in: once the inode has its upper
     # copy no open offers the lower file, so none can be registered after this point.
     if inode.lower_passthrough_opens and inode.upper is not None:
+        if flags == os.O_RDONLY:
+            # The kernel's private open for lsattr/chattr on an fd of this inode
+            # (fuse_priv_ioctl_prepare: plain O_RDONLY, where open(2) always adds
+            # O_LARGEFILE). It walks no path, so ESTALE would fail the ioctl; FUSE_IOCTL
+            # goes by node id and never uses this handle, nor any backing file.
+            handle = OvlFileHandle(sb, inode, _open_backing(sb, inode.upper, flags), flags,
+                                   True)
+            return OpenReply(sb.handles.add(handle), direct_io=True)
         # The kernel serves this inode's open files from its lower file and would bind this
         # open to it too (module docstring): a new inode for the path instead.
         inode.detached_for_passthrough = True

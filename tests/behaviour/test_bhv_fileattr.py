@@ -355,13 +355,6 @@ def test_handles_opened_before_the_flag(fs: Path, behind: Path | None, target_na
         os.close(afd)
 
 
-#: Under -o lower_passthrough, an ioctl through an open of a lower file made before that
-#: file was copied up (by another caller, or by the open's own SETFLAGS).
-_LPT_STALE = ("lower_passthrough: the kernel's private FUSE_OPEN for the ioctl, of an inode "
-              "copied up under a lower passthrough open, is answered ESTALE "
-              "(overlay/file.py open), and the kernel retries only a path walk")
-
-
 @_differs_on_pyfuse3
 @pytest.mark.tree({"f": b"data", "d/": None, "d/x": b"x"})
 def test_flags_set_on_one_open_are_seen_by_the_next(fs: Path) -> None:
@@ -380,7 +373,6 @@ def test_flags_set_on_one_open_are_seen_by_the_next(fs: Path) -> None:
 
 
 @_differs_on_pyfuse3
-@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
 @pytest.mark.tree({"f": b"data", "d/": None})
 def test_flags_read_back_on_the_open_that_set_them(fs: Path) -> None:
     """chattr's read-modify-write and a read-back, all on one open, of objects older than
@@ -392,7 +384,6 @@ def test_flags_read_back_on_the_open_that_set_them(fs: Path) -> None:
 
 
 @_differs_on_pyfuse3
-@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
 @pytest.mark.tree({"f": b"old", "d/": None, "d/x": b"x"})
 @pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
 def test_pre_existing_objects_take_the_flags(fs: Path, behind: Path | None,
@@ -418,7 +409,6 @@ def test_pre_existing_objects_take_the_flags(fs: Path, behind: Path | None,
 
 
 @_differs_on_pyfuse3
-@pytest.mark.differs("overlay-lower-lpt", reason=_LPT_STALE)
 @pytest.mark.tree({"f": b"data", "g": b"data"})
 @pytest.mark.parametrize("copy_up", ["write open", "chmod"])
 def test_lsattr_through_a_handle_opened_before_a_copy_up(fs: Path, copy_up: str) -> None:
