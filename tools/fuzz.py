@@ -443,10 +443,7 @@ def op_ioctl(w: Worker) -> None:
     elif r < 0.4:
         # chattr: mostly clearing +i/+a again, so that the pool stays usable
         rng = w.rng
-        if rng.random() < 0.5:
-            flags = 0
-        else:
-            flags = rng.choice(FLAG_CHOICES)
+        flags = 0 if rng.random() < 0.5 else rng.choice(FLAG_CHOICES)
         fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(rng.choice((4, 8)), "little"))
     elif r < 0.5:
         fcntl.ioctl(fd, w.rng.choice((FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR)),
