@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import pytest
 from test_bhv_perms import as_nobody
 
-from backingfs.syscalls import fallocate
+from backingfs.syscalls import AT_FDCWD, RENAME_EXCHANGE, fallocate, renameat2
 from backingfs.testing import raises_errno
 
 pytestmark = pytest.mark.timeout(60)
@@ -238,6 +238,22 @@ def test_xattr_create_and_replace_refused_before_their_own_checks(
         }
         assert got == dict.fromkeys(got, "EPERM")
         assert os.getxattr(fs / "f", "user.there") == b"1"
+
+
+@_differs_on_pyfuse3
+@pytest.mark.tree({"d/": None, "d/x": b"x", "f": b"data"})
+@pytest.mark.parametrize("flag", [IMMUTABLE, APPEND], ids=["immutable", "append-only"])
+def test_exchange_with_a_protected_file_is_refused_first(fs: Path, behind: Path | None,
+                                                         flag: int) -> None:
+    """may_delete's EPERM comes before the filesystem's own refusals: on an overlay whose
+    ``d`` is a lower directory, before the EXDEV of renaming it."""
+    with protected(fs, behind, "f", flag=flag):
+        for a, b in (("d", "f"), ("f", "d")):
+            with raises_errno(errno.EPERM):
+                renameat2(AT_FDCWD, os.fsencode(fs / a), AT_FDCWD, os.fsencode(fs / b),
+                          RENAME_EXCHANGE)
+    assert sorted(os.listdir(fs)) == ["d", "f"]
+    assert (fs / "f").read_bytes() == b"data"
 
 
 KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
