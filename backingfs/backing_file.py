@@ -33,8 +33,8 @@ class BackingFile:
     its offset on an O_APPEND fd, so appending is the request's APPEND flag instead.
     """
 
-    __slots__ = ("fd", "flags", "nowait_ok", "nowait_misses", "nowait_skip", "write_backoff",
-                 "_refs", "_lock", "__weakref__")
+    __slots__ = ("fd", "flags", "nowait_ok", "in_memory", "nowait_misses", "nowait_skip",
+                 "write_backoff", "_refs", "_lock", "__weakref__")
 
     def __init__(self, fd: int, flags: int = 0) -> None:
         if flags & os.O_APPEND:
@@ -44,6 +44,9 @@ class BackingFile:
         # Cleared the first time the backing fs refuses RWF_NOWAIT (EOPNOTSUPP), so the
         # read fast path is not tried again on this fd.
         self.nowait_ok = True
+        # Set with nowait_ok cleared when the fd is on a filesystem in memory (tmpfs):
+        # none of its reads waits for a device, so small ones are made inline (rw.py).
+        self.in_memory = False
         # RWF_NOWAIT misses of small reads in a row, and how many small reads still skip
         # the attempt after a run of them (rw.py: a cold random reader pays a syscall and a
         # readahead submission per read for nothing).

@@ -18,7 +18,8 @@ Requests (all on inodes the table already holds, as in a warm tree):
     readdirplus (3 files and the dots), readdirplus-eof (the empty call that ends a
     listing), lookup-forget (a name whose inode is made and then evicted each time),
     create and mkdir (in a subdirectory; each made object is removed again, untimed, by
-    the filesystem's own unlink/rmdir).
+    the filesystem's own unlink/rmdir), read (4 KiB of a file open read-only, its data in
+    the page cache: a READ the daemon serves, as for a lower file of a writable overlay).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from backingfs.native import NativeSession  # noqa: E402
 
 OPS = ("getattr", "lookup", "lookup-enoent", "lookup-enoent-sub", "setattr-mode",
        "setattr-chown", "setattr-times", "getxattr", "readdirplus", "readdirplus-eof",
-       "lookup-forget", "create", "mkdir")
+       "lookup-forget", "create", "mkdir", "read")
 
 
 def request(op: int, nodeid: int, body: bytes = b"") -> bytes:
@@ -145,6 +146,7 @@ async def measure(kind: str, n: int, ops: list[str], profile: str | None,
         fs, tree = make_fs(kind, scratch)
         (tree / "x").write_bytes(b"")
         (tree / "y").write_bytes(b"")
+        (tree / "r").write_bytes(os.urandom(4096))
         (tree / "d").mkdir()
         for i in range(3):
             (tree / "d" / f"f{i}").write_bytes(b"")
@@ -160,6 +162,17 @@ async def measure(kind: str, n: int, ops: list[str], profile: str | None,
             await fs.lookup(d, b"f%d" % i, None)
         y = (await fs.lookup(ROOT_INO, b"y", None)).ino
         await fs.forget([(y, 1)])
+        r = (await fs.lookup(ROOT_INO, b"r", None)).ino
+        opened: list[bytes] = []
+        send = s.reply
+
+        def keep(unique: int, *payload: bytes | bytearray | memoryview) -> bool:
+            opened.append(b"".join(bytes(p) for p in payload))
+            return True
+        s.reply = keep  # type: ignore[method-assign]
+        run_inline(s, request(abi.Op.OPEN, r, abi.OPEN_IN.pack(os.O_RDONLY, 0)))
+        s.reply = send  # type: ignore[method-assign]
+        (fh,) = struct.unpack_from("=Q", opened[0])
         listing = abi.READ_IN.pack(0, 0, 4096, 0, 0, 0, 0)
         reqs: dict[str, tuple[bytes, ...]] = {
             "getattr": (request(abi.Op.GETATTR, x, abi.GETATTR_IN.pack(0, 0, 0)),),
@@ -176,6 +189,7 @@ async def measure(kind: str, n: int, ops: list[str], profile: str | None,
             "getxattr": (request(abi.Op.GETXATTR, x, abi.GETXATTR_IN.pack(0, 0)
                                  + b"security.capability\0"),),
             "readdirplus": (request(abi.Op.READDIRPLUS, d, listing),),
+            "read": (request(abi.Op.READ, r, abi.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)),),
             # y is made again by each lookup (a new inode number each time for overlay
             # would break the FORGET: both filesystems reuse y's number for its key).
             "lookup-forget": (request(abi.Op.LOOKUP, ROOT_INO, b"y\0"),

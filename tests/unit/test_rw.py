@@ -9,6 +9,8 @@ import fcntl
 import mmap
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -385,3 +387,71 @@ def test_a_run_of_nowait_misses_skips_the_attempt_for_a_while(
 
     trio.run(main)
     workers.shutdown()
+
+
+class QueueOnly:
+    """Workers that only record: a read handed to them did not complete inline."""
+
+    def __init__(self) -> None:
+        self.queued: list[Callable[[], None]] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.queued.append(fn)
+
+    def run_all(self) -> None:
+        while self.queued:
+            self.queued.pop(0)()
+
+
+@pytest.mark.parametrize("where", ["tmpfs", "ext4"])
+def test_small_reads_of_a_file_in_memory_are_made_inline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """tmpfs refuses RWF_NOWAIT: after that first refusal its small reads are made on the
+    calling thread (no device to wait for), larger ones still queued. Another filesystem
+    that refuses it keeps every read queued: a read there may wait for a device."""
+    if where == "tmpfs":
+        if not Path("/dev/shm").is_dir() or rw.syscalls.fs_type(
+                os.open("/dev/shm", os.O_PATH | os.O_CLOEXEC)) not in rw.MEMORY_FS:
+            pytest.skip("no tmpfs at /dev/shm")
+        base = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    else:
+        base = tmp_path
+        real = os.preadv
+
+        def no_nowait(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+            if flags & os.RWF_NOWAIT:
+                raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+            return real(fd, buffers, offset, flags)
+        monkeypatch.setattr(rw.os, "preadv", no_nowait)
+    try:
+        data = os.urandom(256 * 1024)
+        (base / "f").write_bytes(data)
+        file = BackingFile.open(base / "f", os.O_RDONLY)
+        workers = QueueOnly()
+        ctx = BackingFileCtx(inline_io=True)
+
+        def read(off: int, size: int) -> int | object:
+            buf = bytearray(size)
+            n = rw.read_iter(file, buf, Request(Stacked(), off, complete=lambda r, res: None),
+                             ctx, workers=workers, may_block=False)
+            if n is not rw.QUEUED:
+                assert bytes(buf[:n]) == data[off:off + n]  # type: ignore[operator]
+            return n
+
+        try:
+            assert read(0, 4096) is rw.QUEUED  # the refusal: learnt, this one queued
+            assert not file.nowait_ok
+            assert file.in_memory == (where == "tmpfs")
+            if where == "tmpfs":
+                assert read(8192, 4096) == 4096
+                assert read(100_000, rw.INLINE_READ_MAX) == rw.INLINE_READ_MAX
+                assert read(0, rw.INLINE_READ_MAX + 4096) is rw.QUEUED
+            else:
+                assert read(8192, 4096) is rw.QUEUED
+        finally:
+            workers.run_all()
+            file.put()
+        assert live_aios() == 0
+    finally:
+        if where == "tmpfs":
+            shutil.rmtree(base, ignore_errors=True)
