@@ -78,7 +78,9 @@ async def getattr(sb: Superblock, inode: OvlInode) -> Entry:
 
 
 async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
-                  fh_fd: int | None) -> Entry:
+                  fh_fd: int | None, *, by_handle: bool = False) -> Entry:
+    """``fh_fd``: the upper fd of the handle a truncate names; ``by_handle``: the request
+    names a handle at all (FATTR_FH)."""
     check_writable(sb)
     if inode.unlinked and inode.upper is None and _only_cmtime(changes):
         # The writeback cache's flush of the times the kernel keeps (it sets the ctime of
@@ -88,9 +90,15 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
         # fd still open on it). Nothing is changed, as the kernel's overlayfs changes no
         # times on an unlink.
         return make_entry(sb, inode)
-    protattr.check_setattr(sb, inode, times_now=changes.times_now and changes.mode is None
-                           and changes.uid is None and changes.gid is None
-                           and changes.size is None)
+    if not (by_handle and _only_cmtime(changes)):
+        # With a handle and nothing but the c/mtime, this is the writeback cache's flush
+        # of the times of writes it made through that handle (fuse_flush_times, at close
+        # and fsync); a caller's utimensat(2) never names a handle. Writes allowed on a
+        # +a file (appends), or through a handle opened before +i (as the kernel's
+        # overlayfs), must not make close(2) fail.
+        protattr.check_setattr(sb, inode, times_now=changes.times_now and changes.mode is None
+                               and changes.uid is None and changes.gid is None
+                               and changes.size is None)
     await copy_up(sb, inode, size=changes.size)
     async with inode.lock:
         assert inode.upper is not None

@@ -137,7 +137,8 @@ class OverlayFs(Filesystem):
                     fd = handle.current().fd
             except OSError:
                 fd = None
-        return await ovl_inode.setattr(self.sb, self._inode(ino), changes, fd)
+        return await ovl_inode.setattr(self.sb, self._inode(ino), changes, fd,
+                                       by_handle=fh is not None)
 
     async def readlink(self, ino: int, caller: Caller) -> bytes:
         return await ovl_inode.readlink(self.sb, self._inode(ino))

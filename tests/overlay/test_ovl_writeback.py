@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 from ovl_layers import OvlLayers
@@ -98,3 +99,31 @@ def test_unlinked_lower_file_is_still_not_copied_up(ovl: OvlLayers) -> None:
     finally:
         os.close(fd)
     assert ovl.work_entries() == []
+
+
+@pytest.mark.parametrize("session", ["native", "pyfuse3"])
+def test_append_to_an_append_only_lower_file_closes_cleanly(ovl: OvlLayers,
+                                                            session: str) -> None:
+    """The writeback cache keeps the mtime of the appends it makes and sends it at close
+    (SETATTR mtime+ctime naming the handle): that is no caller's change of times, which a
+    +a file refuses. It was refused, and close(2) failed EPERM after a good append."""
+    f = ovl.lower1 / "log"
+    f.write_bytes(b"one\n")
+    subprocess.run(["chattr", "+a", str(f)], check=True)
+    try:
+        mnt = ovl.mount("writeback=1", f"session={session}")
+        fd = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND)
+        try:
+            assert os.write(fd, b"two\n") == 4
+            os.fsync(fd)
+            assert os.write(fd, b"three\n") == 6
+        finally:
+            os.close(fd)
+        assert (mnt / "log").read_bytes() == b"one\ntwo\nthree\n"
+        assert (ovl.upper / "log").read_bytes() == b"one\ntwo\nthree\n"
+        with raises_errno(errno.EPERM):  # a caller's own times: still refused
+            os.utime(mnt / "log", (5, 5))
+        with raises_errno(errno.EPERM):
+            os.open(mnt / "log", os.O_WRONLY)
+    finally:
+        subprocess.run(["chattr", "-a", str(f)], check=False)
