@@ -123,6 +123,15 @@ class SetattrRequest:
     #: Known on the native session only (pyfuse3 resolves UTIME_NOW before we see it).
     times_now: bool = False
 
+    def only_cmtime(self) -> bool:
+        """Whether this sets the ctime, perhaps the mtime, and nothing else: what the
+        kernel's writeback cache sends for the times it keeps (fuse_flush_times, naming a
+        handle at close and fsync), and, under that cache only, for a caller's
+        utimensat(2) of the mtime alone (naming none)."""
+        return (self.ctime_ns is not None and self.mode is None and self.uid is None
+                and self.gid is None and self.size is None and self.atime_ns is None
+                and self.kill_suidgid is None)
+
 
 @dataclass(frozen=True, slots=True)
 class Statfs:

@@ -82,7 +82,7 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
     """``fh_fd``: the upper fd of the handle a truncate names; ``by_handle``: the request
     names a handle at all (FATTR_FH)."""
     check_writable(sb)
-    if inode.unlinked and inode.upper is None and _only_cmtime(changes):
+    if inode.unlinked and inode.upper is None and changes.only_cmtime():
         # The writeback cache's flush of the times the kernel keeps (it sets the ctime of
         # a file it unlinks, or renames another over, and sends it at once): the file has
         # no name, so no copy-up (it would fail EEXIST on the whiteout after copying the
@@ -90,7 +90,7 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
         # fd still open on it). Nothing is changed, as the kernel's overlayfs changes no
         # times on an unlink.
         return make_entry(sb, inode)
-    if not (by_handle and _only_cmtime(changes)):
+    if not (by_handle and changes.only_cmtime()):
         # With a handle and nothing but the c/mtime, this is the writeback cache's flush
         # of the times of writes it made through that handle (fuse_flush_times, at close
         # and fsync); a caller's utimensat(2) never names a handle. Writes allowed on a
@@ -125,15 +125,6 @@ async def setattr(sb: Superblock, inode: OvlInode, changes: SetattrRequest,
         entry = make_entry(sb, inode, st)
     await tell_twin(sb, inode)
     return entry
-
-
-def _only_cmtime(changes: SetattrRequest) -> bool:
-    """Whether ``changes`` sets the ctime, perhaps the mtime, and nothing else: what the
-    kernel's writeback cache sends for the times it keeps (fuse_flush_times), and, under
-    that cache only, for a caller's utimensat(2) of the mtime alone."""
-    return (changes.ctime_ns is not None and changes.mode is None and changes.uid is None
-            and changes.gid is None and changes.size is None and changes.atime_ns is None
-            and changes.kill_suidgid is None)
 
 
 async def tell_twin(sb: Superblock, inode: OvlInode) -> None:

@@ -67,6 +67,30 @@ def test_append_only_under_writeback_refuses_write_opens(passthru_mount: StartPa
     assert (m / "app").read_bytes() == b"log\n"
 
 
+@pytest.mark.parametrize("session", ["native", "pyfuse3"])
+def test_writes_through_a_handle_opened_before_plus_a_close_cleanly_under_writeback(
+        passthru_mount: StartPassthru, tmp_path: Path, session: str) -> None:
+    """A handle opened for write before chattr +a may still write (as on SOURCE). Under
+    writeback the kernel then flushes its times at close (SETATTR mtime naming the handle),
+    which SOURCE refuses on a +a file: that used to fail close(2) with EIO."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "f").write_bytes(b"0123456789")
+    m = passthru_mount("writeback", f"session={session}", source=source).mnt
+    fd = os.open(m / "f", os.O_RDWR)
+    try:
+        subprocess.run(["chattr", "+a", str(source / "f")], check=True, capture_output=True)
+        assert os.pwrite(fd, b"ab", 2) == 2
+        os.fsync(fd)
+        assert os.pwrite(fd, b"cd", 4) == 2
+    finally:
+        try:
+            os.close(fd)
+        finally:
+            subprocess.run(["chattr", "-a", str(source / "f")], check=False)
+    assert (source / "f").read_bytes() == b"01abcd6789"
+
+
 def test_immutable_file_refuses_every_change(passthru_mount: StartPassthru,
                                              flagged: Path) -> None:
     m = passthru_mount().mnt
