@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import trio
 
@@ -72,3 +73,17 @@ def assert_size_and_versions(file: BackingFile, writes: list[tuple[int, int]],
     assert stacked.attrs.size == backing
     assert stacked.versions == sorted(stacked.versions)
     assert len(set(stacked.versions)) == len(stacked.versions) == len(writes)
+
+
+class ManualWorkers:
+    """Queues work until the test runs it: completion strictly after submit returned."""
+
+    def __init__(self) -> None:
+        self.queue: list[Callable[[], None]] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.queue.append(fn)
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.queue.pop(0)()

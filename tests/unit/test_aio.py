@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from rw_checks import ManualWorkers
 
 from backingfs import rw
 from backingfs.aio import QUEUED, live_aios
@@ -21,20 +22,6 @@ from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
 from backingfs.request import Request
 from backingfs.workers import WorkersShutDownError
-
-
-class ManualWorkers:
-    """Queues work until the test runs it: completion strictly after submit returned."""
-
-    def __init__(self) -> None:
-        self.queue: list[Callable[[], None]] = []
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self.queue.append(fn)
-
-    def run_all(self) -> None:
-        while self.queue:
-            self.queue.pop(0)()
 
 
 class InlineWorkers:

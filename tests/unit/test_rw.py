@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 from rw_checks import (
+    ManualWorkers,
     Stacked,
     assert_size_and_versions,
     end_write_grows,
@@ -389,20 +390,6 @@ def test_a_run_of_nowait_misses_skips_the_attempt_for_a_while(
     workers.shutdown()
 
 
-class QueueOnly:
-    """Workers that only record: a read handed to them did not complete inline."""
-
-    def __init__(self) -> None:
-        self.queued: list[Callable[[], None]] = []
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self.queued.append(fn)
-
-    def run_all(self) -> None:
-        while self.queued:
-            self.queued.pop(0)()
-
-
 @pytest.mark.parametrize("where", ["tmpfs", "ext4"])
 def test_small_reads_of_a_file_in_memory_are_made_inline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
@@ -427,7 +414,7 @@ def test_small_reads_of_a_file_in_memory_are_made_inline(
         data = os.urandom(256 * 1024)
         (base / "f").write_bytes(data)
         file = BackingFile.open(base / "f", os.O_RDONLY)
-        workers = QueueOnly()
+        workers = ManualWorkers()
         ctx = BackingFileCtx(inline_io=True)
 
         def read(off: int, size: int) -> int | object:
