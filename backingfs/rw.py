@@ -78,10 +78,10 @@ INLINE_READ_MAX = 64 * 1024
 #: queued read finds cached pages just as well (io_uring completes them at submission), so
 #: a file that turned warm only pays a little more until the next attempt hits.
 NOWAIT_MISS_STREAK = 4
+NOWAIT_SKIP = 16
 #: statfs f_type of filesystems that keep files in memory (tmpfs, ramfs): no RWF_NOWAIT,
 #: and no read that waits for a device (swap aside).
 MEMORY_FS = frozenset({0x01021994, 0x858458F6})
-NOWAIT_SKIP = 16
 
 
 def _read_nowait(file: BackingFile, buf: Any, pos: int, flags: int) -> int | None:
