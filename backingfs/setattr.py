@@ -39,7 +39,7 @@ async def setattr_backing(fd: int, fmt: int, changes: SetattrRequest,
         os.chmod(path, stat.S_IMODE(changes.mode))
     elif changes.kill_suidgid is not None and fmt == stat.S_IFREG:
         # Before the truncate, as the kernel's notify_change orders ATTR_KILL_S*ID.
-        st = os.stat(path)
+        st = os.fstat(fd)  # an O_PATH fd does for fstat: no walk of the /proc link
         kill = kill_mask(st, changes.kill_suidgid.gid, changes.kill_suidgid.pid)
         if kill:
             os.chmod(path, stat.S_IMODE(st.st_mode & ~kill))

@@ -224,7 +224,9 @@ async def measure(kind: str, n: int, ops: list[str], profile: str | None,
             if op == profile:
                 prof = cProfile.Profile()
                 prof.runcall(loop, n)
-                pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+                stats = pstats.Stats(prof, stream=sys.stdout)
+                stats.sort_stats("tottime").print_stats(25)
+                stats.sort_stats("cumulative").print_stats(40)
         os.close(s.fd)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -7,6 +7,7 @@ numbers are whatever the machine gives; only their presence and shape are checke
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,25 @@ def test_rtt_workload_times_statfs_calls(tmp_path: Path) -> None:
     assert "### rtt: statfs (calls/s, higher is better)" in r.stdout
     values = json.loads(out.read_text())["results"]["rtt"]["statfs"]["native"]["values"]
     assert len(values) == 1 and values[0] > 0
+
+
+def test_halt_poll_ns_is_set_for_the_run_and_restored(tmp_path: Path) -> None:
+    knob = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    before = knob.read_text() if knob.exists() else None
+    r = run_bench("--quick", "--targets", "native", "--workloads", "rtt", "--halt-poll-ns",
+                  "12345", "--dir", str(tmp_path / "work"))
+    if before is None or not os.access(knob, os.W_OK):
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines()[-1].startswith("bench: --halt-poll-ns: cannot set")
+        return
+    assert r.returncode == 0, r.stderr
+    assert f"guest_halt_poll_ns set to 12345 for this run (machine value {before.strip()}" \
+        in r.stdout
+    assert knob.read_text() == before
+
+
+def test_negative_halt_poll_ns_is_refused(tmp_path: Path) -> None:
+    r = run_bench("--quick", "--targets", "native", "--halt-poll-ns", "-1",
+                  "--dir", str(tmp_path))
+    assert r.returncode != 0
+    assert "--halt-poll-ns must be 0 or more" in r.stderr

@@ -867,3 +867,20 @@ def test_handle_io_at_the_fd_limit_waits_for_a_prune(callback: bool) -> None:
     finally:
         os.close(s.rfd)
         os.close(s.fd)
+
+
+def test_runnable_check_counts_what_trio_reports() -> None:
+    """The polling loop's cheap count of runnable tasks (trio's run queue) is the number
+    ``current_statistics`` reports, before and after tasks become runnable."""
+    from backingfs.native import _runnable_check
+
+    async def main() -> None:
+        check = _runnable_check()
+        assert check() == trio.lowlevel.current_statistics().tasks_runnable == 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)
+            nursery.start_soon(trio.sleep, 0)
+            assert check() == trio.lowlevel.current_statistics().tasks_runnable == 2
+        assert check() == 0
+
+    trio.run(main)
