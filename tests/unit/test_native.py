@@ -884,3 +884,55 @@ def test_runnable_check_counts_what_trio_reports() -> None:
         assert check() == 0
 
     trio.run(main)
+
+
+def test_poll_is_long_only_in_a_burst_of_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader polls SPIN_SECONDS when the last BURST_REQUESTS requests came within
+    BURST_SECONDS, else SPIN_SHORT_SECONDS: a caller that sends a request or two now and
+    then costs the daemon the short poll, a tar extract gets the long one."""
+    from backingfs import native
+
+    clock = [100.0]
+
+    def perf_counter() -> float:
+        clock[0] += 1e-6  # each look at the clock is one µs of polling
+        return clock[0]
+
+    arrived = [False]
+    polls = [0]
+
+    def readv(fd: int, buffers: Any) -> int:
+        polls[0] += 1
+        if arrived[0]:
+            return 64
+        raise BlockingIOError(errno.EAGAIN, "nothing yet")
+
+    monkeypatch.setattr(native.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(native.os, "readv", readv)
+    monkeypatch.setattr(native, "SPIN_SECONDS", 200e-6)
+    monkeypatch.setattr(native, "SPIN_SHORT_SECONDS", 20e-6)
+    monkeypatch.setattr(native, "BURST_SECONDS", 1e-3)
+    s = NativeSession(FakeFs())
+    s._runnable = lambda: 0
+
+    def poll() -> tuple[int, int]:
+        polls[0] = 0
+        return s._spin(-1, bytearray(64), None), polls[0]
+
+    def arrivals(spacing: float) -> None:
+        s._arrivals.clear()
+        for i in range(native.BURST_REQUESTS):
+            s._arrivals.append(clock[0] - (native.BURST_REQUESTS - i) * spacing)
+
+    n, count = poll()
+    assert n == 0 and 15 <= count <= 20  # no requests yet: the short poll
+    arrivals(100e-6)  # 8 requests in 0.8 ms: a burst
+    n, count = poll()
+    assert n == 0 and 190 <= count <= 200
+    arrivals(300e-6)  # 8 requests in 2.4 ms: none
+    n, count = poll()
+    assert n == 0 and 15 <= count <= 20
+    arrived[0] = True
+    before = clock[0]
+    assert poll() == (64, 1)
+    assert s._arrivals[-1] > before  # the request the poll found counts
