@@ -1196,6 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
     idle = cpuidle_note()
     if idle and args.halt_poll_ns is None:
         NOTES.add(idle)
+    if "BACKINGFS_SPIN_US" in os.environ:
+        NOTES.add(f"BACKINGFS_SPIN_US={os.environ['BACKINGFS_SPIN_US']}: our daemons poll "
+                  "that long in a burst of requests (default 200)")
     log(f"targets: {', '.join(t.name for t in targets if not t.skip)}; workloads: "
         f"{', '.join(wnames)}; size {fmt_size(cfg.size)}, files {cfg.files}, runs {cfg.runs}; "
         f"workdir {workdir}")
