@@ -228,6 +228,14 @@ class Filesystem:
     async def getattr(self, ino: int, caller: Caller) -> Entry:
         raise _enosys()
 
+    async def birth_time(self, ino: int) -> int | None:
+        """The birth time (ns) of ``ino``'s backing object; None where that filesystem
+        keeps none. Native session only: the kernel asks (FUSE_STATX, with the rest of
+        ``getattr``) when a statx(2) wants STATX_BTIME, and keeps the answer with the
+        other attributes. Without it (ENOSYS, and always through pyfuse3) statx reports
+        no birth time."""
+        raise _enosys()
+
     async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
                       caller: Caller) -> Entry:
         raise _enosys()

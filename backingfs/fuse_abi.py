@@ -188,6 +188,11 @@ READ_IN = struct.Struct("=QQIIQII")              # fh offset size read_flags loc
 WRITE_IN = READ_IN                               # fh offset size write_flags lock_owner flags pad
 WRITE_OUT = struct.Struct("=II")
 GETATTR_IN = struct.Struct("=IIQ")               # getattr_flags dummy fh
+STATX_IN = struct.Struct("=IIQII")              # getattr_flags reserved fh sx_flags sx_mask
+#: fuse_statx_out: attr_valid attr_valid_nsec flags spare[2], then struct fuse_statx: mask
+#: blksize attributes nlink uid gid mode spare ino size blocks attributes_mask, the times
+#: atime btime ctime mtime (sec nsec reserved), rdev and dev major/minor, spare[14].
+STATX_OUT = struct.Struct("=QII16x" "IIQIIIHxxQQQQ" "qIiqIiqIiqIi" "IIII112x")
 SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")  # 88 bytes
 MKNOD_IN = struct.Struct("=IIII")                # mode rdev umask padding
 MKDIR_IN = struct.Struct("=II")                  # mode umask

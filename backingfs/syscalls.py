@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 
 
 def _load_libc() -> ctypes.CDLL:
@@ -168,13 +169,41 @@ _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_ui
                         ctypes.c_char_p]
 
 
+#: ``stx_mask`` bit of the birth time (linux/stat.h).
+STATX_BTIME = 0x800
+_STX_MASK = struct.Struct("=I")
+_STX_ATTRIBUTES = struct.Struct("=Q")          # after stx_mask, stx_blksize
+_STX_BTIME = struct.Struct("=qI")              # stx_btime: tv_sec, tv_nsec (offset 80)
+
+
+def _statx(fd: int, path: bytes, flags: int, mask: int) -> bytes:
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    _check(_libc.statx(fd, path, flags, mask, buf), "statx")
+    return buf.raw
+
+
 def statx_attributes(fd: int) -> int:
     """``stx_attributes`` of the object of ``fd`` (O_PATH fine): STATX_ATTR_* bits such as
     IMMUTABLE and APPEND, which stat(2) does not report and FS_IOC_GETFLAGS needs a real
     open for (not possible on a fifo or device without side effects)."""
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    _check(_libc.statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, 0, buf), "statx")
-    return ctypes.c_uint64.from_buffer(buf, 8).value  # after stx_mask, stx_blksize
+    raw = _statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, 0)
+    return _STX_ATTRIBUTES.unpack_from(raw, 8)[0]
+
+
+def birth_time_ns(fd: int, path: bytes = b"",
+                  flags: int = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW,
+                  mask: int = STATX_BTIME) -> int | None:
+    """The birth time (ns) of ``path`` under ``fd`` (by default the object of ``fd`` itself,
+    O_PATH fine, never following a symlink), or None where its filesystem keeps none
+    (FAT, FUSE without FUSE_STATX...). Python 3.11's ``os.stat`` does not report it.
+    ``mask``: what statx(2) is asked for (a FUSE mount answers a request for the birth
+    time alone from its cache while that holds one, even if the other attributes are
+    stale)."""
+    raw = _statx(fd, path, flags, mask)
+    if not _STX_MASK.unpack_from(raw)[0] & STATX_BTIME:
+        return None
+    sec, nsec = _STX_BTIME.unpack_from(raw, 80)
+    return sec * 1_000_000_000 + nsec
 
 
 def close_reports_errors(fd: int) -> bool:

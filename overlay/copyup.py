@@ -130,6 +130,10 @@ async def _copy_up_one(sb: Superblock, inode: OvlInode, size: int | None) -> Non
             if (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
                     and inode is not sb.inodes.root):
                 await _broke_hard_link(sb, inode)
+            if sb.notifier is not None:
+                # The object the kernel shows is now the copy, born now (ctime, btime,
+                # and st_ino for a broken link): the kernel keeps attributes for long.
+                await sb.notifier.invalidate_inode(inode.ino, attr_only=True)
         finally:
             if sb.copying_links.get(link) is inode:
                 del sb.copying_links[link]
@@ -139,7 +143,8 @@ async def _broke_hard_link(sb: Superblock, inode: OvlInode) -> None:
     """The copy-up of a lower hard link made a new file with one link (no index, as the
     kernel): the inode now stands for that upper file. Same kernel inode, so handles,
     page cache and a link made to it stay one file; new key, so a lookup of the upper file
-    finds it; the kernel's cached nlink (and st_ino on a later lookup) are dropped."""
+    finds it. The kernel's cached nlink and st_ino go with the attributes that every
+    copy-up invalidates (``_copy_up_one``)."""
     assert inode.upper is not None
     key = upper_file_key(sb, os.fstat(inode.upper))
     if not sb.inodes.rekey(inode, key):
@@ -153,8 +158,6 @@ async def _broke_hard_link(sb: Superblock, inode: OvlInode) -> None:
         parent = inode.parent
         if sb.notifier is not None and parent is not None:
             await sb.notifier.invalidate_inode(parent.ino)
-    if sb.notifier is not None:
-        await sb.notifier.invalidate_inode(inode.ino, attr_only=True)
 
 
 def _is_small(fd: int, size: int | None) -> bool:

@@ -25,6 +25,7 @@ from backingfs.fsapi import (
     Statfs,
 )
 from backingfs.notify import Notifier
+from backingfs.syscalls import birth_time_ns
 
 from . import dir as ovl_dir
 from . import file as ovl_file
@@ -126,6 +127,11 @@ class OverlayFs(Filesystem):
 
     async def getattr(self, ino: int, caller: Caller) -> Entry:
         return await ovl_inode.getattr(self.sb, self._inode(ino))
+
+    async def birth_time(self, ino: int) -> int | None:
+        # The kernel's overlayfs reports the real object's (ovl_getattr): a copy-up is born
+        # at the copy-up.
+        return birth_time_ns(self._inode(ino).data_fd())
 
     async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
                       caller: Caller) -> Entry:

@@ -38,7 +38,7 @@ from backingfs.fsapi import (
 )
 from backingfs.handles import Handle, HandleTable
 from backingfs.inodes import InodeTable
-from backingfs.syscalls import close_reports_errors
+from backingfs.syscalls import birth_time_ns, close_reports_errors
 from backingfs.workers import Workers, default_workers
 
 from . import dir as dir_ops
@@ -128,6 +128,9 @@ class PassthruFs(Filesystem):
 
     async def getattr(self, ino: int, caller: Caller) -> Entry:
         return await inode_ops.getattr(self, ino, caller)
+
+    async def birth_time(self, ino: int) -> int | None:
+        return birth_time_ns(self.live(ino).fd)
 
     async def setattr(self, ino: int, changes: SetattrRequest, fh: int | None,
                       caller: Caller) -> Entry:

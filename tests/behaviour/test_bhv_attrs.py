@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,23 @@ def test_stat_missing(fs: Path) -> None:
         os.chmod(fs / "missing", 0o644)
     with raises_errno(errno.ENOENT):
         os.utime(fs / "missing", ns=(T1, T1))
+
+
+@pytest.mark.tree({"f": b"data", "d/": None})
+def test_open_for_write_shows_the_ctime_of_what_it_opened(fs: Path,
+                                                           behind: Path | None) -> None:
+    """An overlay copies a lower file up when it is opened for write, and a lower
+    directory when something in it changes. From then on it shows the copy's ctime (the
+    copy is made then), as the kernel's overlayfs does, even if the kernel holds the
+    lower object's attributes in its cache."""
+    before = {name: os.stat(fs / name).st_ctime_ns for name in ("f", "d")}
+    time.sleep(0.02)
+    os.close(os.open(fs / "f", os.O_RDWR))
+    os.close(os.open(fs / "d" / "new", os.O_WRONLY | os.O_CREAT, 0o644))
+    os.unlink(fs / "d" / "new")
+    for name in ("f", "d"):
+        after = os.stat(fs / name).st_ctime_ns
+        if behind is None:
+            assert after == before[name] or name == "d"
+        else:
+            assert after == os.stat(behind / name).st_ctime_ns, name

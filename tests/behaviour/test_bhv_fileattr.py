@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from frontend_gaps import differs_on_pyfuse3
 from test_bhv_perms import as_nobody
 
 from backingfs.syscalls import AT_FDCWD, RENAME_EXCHANGE, fallocate, renameat2
@@ -50,10 +51,7 @@ _NO_IOCTL = ("pyfuse3 3.5 has no FUSE_IOCTL handler (libfuse answers ENOSYS): ls
              "chattr through the mount fail")
 
 
-def _differs_on_pyfuse3(fn: F) -> F:
-    for name in ("passthru-pyfuse3", "overlay-lower-pyfuse3"):
-        fn = pytest.mark.differs(name, reason=_NO_IOCTL)(fn)
-    return fn
+_differs_on_pyfuse3 = differs_on_pyfuse3(_NO_IOCTL)
 
 
 def _open(path: Path) -> int:

@@ -24,28 +24,23 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+from frontend_gaps import differs_on_pyfuse3
 
 from backingfs.testing import raises_errno
 
 pytestmark = pytest.mark.timeout(30)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _AT_EMPTY_PATH = 0x1000
 _NO_TMPFILE = ("pyfuse3 3.5 has no FUSE_TMPFILE handler (libfuse answers ENOSYS): the kernel "
                "gives EOPNOTSUPP to every O_TMPFILE open")
 
 
-def _differs_on_pyfuse3(fn: F) -> F:
-    for name in ("passthru-pyfuse3", "overlay-lower-pyfuse3"):
-        fn = pytest.mark.differs(name, reason=_NO_TMPFILE)(fn)
-    return fn
+_differs_on_pyfuse3 = differs_on_pyfuse3(_NO_TMPFILE)
 
 
 def current_umask() -> int:

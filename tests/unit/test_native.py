@@ -41,7 +41,7 @@ from backingfs.passthrough import BackingIds, BackingMismatchError
     (abi.OPEN_OUT, 16), (abi.SETATTR_IN, 88), (abi.READ_IN, 40), (abi.WRITE_IN, 40),
     (abi.RELEASE_IN, 24), (abi.FLUSH_IN, 24), (abi.KSTATFS, 80), (abi.CREATE_IN, 16),
     (abi.BACKING_MAP, 16), (abi.FORGET_ONE, 16), (abi.DIRENT_HEAD, 24),
-    (abi.IOCTL_IN, 32), (abi.IOCTL_OUT, 16),
+    (abi.IOCTL_IN, 32), (abi.IOCTL_OUT, 16), (abi.STATX_IN, 24), (abi.STATX_OUT, 288),
 ])
 def test_struct_sizes_match_the_kernel_header(st: struct.Struct, size: int) -> None:
     assert st.size == size
@@ -326,6 +326,46 @@ def test_lookup_reply_and_errno(sess: PipeSession) -> None:
 def test_unexpected_exception_is_eio_and_the_loop_survives(sess: PipeSession) -> None:
     trio.run(sess._dispatch, request(abi.Op.GETATTR, 2, abi.GETATTR_IN.pack(0, 0, 0)))
     assert sess.take()[0] == -errno.EIO
+
+
+class BirthFs(FakeFs):
+    async def getattr(self, ino: int, caller: Caller) -> Entry:
+        return Entry(FILE._replace(st_rdev=os.makedev(300, 70000)), attr_timeout=2.5)
+
+    async def birth_time(self, ino: int) -> int | None:
+        return None if ino == 3 else -1_500_000_000  # before 1970: seconds -2, nsec 5e8
+
+
+def test_statx_carries_the_birth_time_and_the_attributes() -> None:
+    s = PipeSession(BirthFs())
+    try:
+        statx_in = abi.STATX_IN.pack(0, 0, 0, 0, 0xFFF)
+        trio.run(s._dispatch, request(abi.Op.STATX, 2, statx_in))
+        error, _, body = s.take()
+        assert error == 0 and len(body) == abi.STATX_OUT.size
+        (valid, valid_ns, _, mask, blksize, _, nlink, uid, gid, mode, ino, size, blocks, _,
+         _, _, _, bsec, bnsec, _, _, _, _, msec, mnsec, _, rmaj, rmin, _, _) = \
+            abi.STATX_OUT.unpack(body)
+        assert (valid, valid_ns) == (2, 500_000_000)
+        assert mask == 0xFFF  # the basic stats and STATX_BTIME
+        assert (bsec, bnsec) == (-2, 500_000_000)
+        assert (nlink, uid, gid, mode, ino, size, blocks, blksize) == (
+            FILE.st_nlink, FILE.st_uid, FILE.st_gid, FILE.st_mode, FILE.st_ino, FILE.st_size,
+            FILE.st_blocks, FILE.st_blksize)
+        assert msec * 1_000_000_000 + mnsec == FILE.st_mtime_ns
+        assert (rmaj, rmin) == (300, 70000)
+        trio.run(s._dispatch, request(abi.Op.STATX, 3, statx_in, unique=7))
+        error, _, body = s.take()
+        assert error == 0 and abi.STATX_OUT.unpack(body)[3] == 0x7FF  # no birth time
+    finally:
+        os.close(s.rfd)
+        os.close(s.fd)
+
+
+def test_statx_without_birth_time_is_enosys(sess: PipeSession) -> None:
+    # The kernel then stops sending STATX and uses GETATTR (fc->no_statx).
+    trio.run(sess._dispatch, request(abi.Op.STATX, 2, abi.STATX_IN.pack(0, 0, 0, 0, 0xFFF)))
+    assert sess.take()[0] == -errno.ENOSYS
 
 
 def test_unknown_opcode_is_enosys(sess: PipeSession) -> None:
