@@ -69,6 +69,27 @@ class CopyStats:
     extents: int = 0
 
 
+#: The most one ``copy_range`` copies: the FUSE reply counts bytes in 32 bits, and
+#: copy_file_range(2) may always copy less than asked (callers loop).
+MAX_COPY_RANGE = 1 << 30
+
+
+def copy_range(src_fd: int, dst_fd: int, off_in: int, off_out: int, length: int) -> int:
+    """copy_file_range(2) of a caller's between two backing files: the backing filesystem
+    copies in the kernel (or reflinks: xfs, btrfs), as the kernel's overlayfs has the real
+    files do. Bytes copied; 0 at the source's EOF. Blocking: call from a worker thread.
+
+    EXDEV and EOPNOTSUPP (files on two filesystems, a filesystem that cannot) go back to
+    the FUSE kernel, which then copies through the mount itself (splice); ENOSYS becomes
+    EOPNOTSUPP, so that one refusal does not turn the request off for the whole mount."""
+    try:
+        return os.copy_file_range(src_fd, dst_fd, min(length, MAX_COPY_RANGE), off_in, off_out)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise OSError(errno.EOPNOTSUPP, "copy_file_range: not supported here") from e
+        raise
+
+
 def copy_data(src_fd: int, dst_fd: int, size: int | None = None, *,
               writeback: bool = False) -> CopyStats:
     """Copy the first ``size`` bytes (default: all) of ``src_fd`` to ``dst_fd``, keeping holes.

@@ -315,6 +315,14 @@ class Filesystem:
         """fallocate(2) on an open file (``mode``: FALLOC_FL_* bits)."""
         raise _enosys()
 
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        """copy_file_range(2) from open file ``fh_in`` to open file ``fh_out`` (both of
+        this mount; the kernel has checked modes, ranges and overlap): bytes copied, at
+        most ``length``. Native session only; without it the kernel copies through read
+        and write."""
+        raise _enosys()
+
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA/SEEK_HOLE on an open file: the next data/hole offset at or after
         ``off`` (the kernel resolves SEEK_SET/CUR/END itself)."""

@@ -216,6 +216,8 @@ KSTATFS = struct.Struct("=QQQQQIIII24x")          # 80 bytes
 LSEEK_IN = struct.Struct("=QqII")              # fh offset(signed) whence padding
 LSEEK_OUT = struct.Struct("=Q")
 FALLOCATE_IN = struct.Struct("=QQQII")
+#: fh_in off_in nodeid_out fh_out off_out len flags; answered with WRITE_OUT.
+COPY_FILE_RANGE_IN = struct.Struct("=QQQQQQQ")
 IOCTL_IN = struct.Struct("=QIIQII")               # fh flags cmd arg in_size out_size
 IOCTL_OUT = struct.Struct("=iIII")               # result flags in_iovs out_iovs
 DIRENT_HEAD = struct.Struct("=QQII")             # ino off namelen type

@@ -588,6 +588,17 @@ async def fallocate(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: 
     s.reply(unique)
 
 
+@handler(abi.Op.COPY_FILE_RANGE, fails_whole=True)
+async def copy_file_range(s: NativeSession, unique: int, nodeid: int, ids: Ids,
+                          data: bytes) -> None:
+    fh_in, off_in, _, fh_out, off_out, length, flags = abi.COPY_FILE_RANGE_IN.unpack_from(
+        data, ARGS)
+    if flags:
+        raise OSError(errno.EINVAL, "copy_file_range flags")
+    done = await s.fs.copy_file_range(fh_in, off_in, fh_out, off_out, length)
+    s.reply(unique, abi.WRITE_OUT.pack(done, 0))
+
+
 @handler(abi.Op.LSEEK, fails_whole=True)
 async def lseek(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes) -> None:
     fh, off, whence, _ = abi.LSEEK_IN.unpack_from(data, ARGS)

@@ -43,6 +43,7 @@ import trio
 from backingfs import privs, rw
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
+from backingfs.copyfile import copy_range
 from backingfs.flags import APPEND, from_open_flags
 from backingfs.fsapi import Caller, OpenReply, ReadDone, SetattrRequest
 from backingfs.handles import Handle
@@ -275,14 +276,21 @@ def read_start(sb: Superblock, fh: int, off: int, size: int,
                          done, held=handle.io)
 
 
+def _writable(handle: OvlFileHandle) -> BackingFile:
+    """The file a write through ``handle`` goes to: its upper one (an open for write made
+    it one by copy-up); EBADF for a handle open read-only."""
+    file = handle.current()
+    if not handle.is_upper:
+        raise OSError(errno.EBADF, "file not open for writing")
+    return file
+
+
 async def write(sb: Superblock, fh: int, off: int, data: bytes) -> int:
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:
         inode = handle.inode
         async with inode.lock:
-            file = handle.current()
-            if not handle.is_upper:
-                raise OSError(errno.EBADF, "file not open for writing")
+            file = _writable(handle)
             req = Request(handle, off, handle.iocb)
             return await rw.write(file, data, req, _ctx(sb))
     finally:
@@ -339,9 +347,7 @@ async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -
     """Only on a handle open for write, which copy-up made an upper one."""
     handle: OvlFileHandle = sb.handles.begin_io(fh)
     try:
-        file = handle.current()
-        if not handle.is_upper:
-            raise OSError(errno.EBADF, "file not open for writing")
+        file = _writable(handle)
         inode = handle.inode
         protattr.check_fallocate(sb, inode, mode)
         file.get()
@@ -353,6 +359,35 @@ async def fallocate(sb: Superblock, fh: int, mode: int, off: int, length: int) -
             file.put()
     finally:
         handle.io.end_io()
+
+
+async def copy_file_range(sb: Superblock, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                          length: int) -> int:
+    """Between the real files, as the kernel's overlayfs (ovl_copy_file_range): from the
+    upper copy once there is one, else the lower file, into the upper file (a handle open
+    for write, which copy-up made an upper one)."""
+    src: OvlFileHandle = sb.handles.begin_io(fh_in)
+    try:
+        dst: OvlFileHandle = sb.handles.begin_io(fh_out)
+        try:
+            inode = dst.inode
+            async with inode.lock:
+                dst_file = _writable(dst)
+                src_file = src.current()
+                src_file.get()
+                dst_file.get()
+                try:
+                    done = await trio.to_thread.run_sync(copy_range, src_file.fd, dst_file.fd,
+                                                         off_in, off_out, length)
+                    inode.attrs.copyattr(os.fstat(dst_file.fd))
+                finally:
+                    dst_file.put()
+                    src_file.put()
+            return done
+        finally:
+            dst.io.end_io()
+    finally:
+        src.io.end_io()
 
 
 async def lseek(sb: Superblock, fh: int, off: int, whence: int) -> int:

@@ -206,6 +206,11 @@ class OverlayFs(Filesystem):
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await ovl_file.fallocate(self.sb, fh, mode, off, length)
 
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        return await ovl_file.copy_file_range(self.sb, fh_in, off_in, fh_out, off_out,
+                                              length)
+
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         return await ovl_file.lseek(self.sb, fh, off, whence)
 

@@ -33,6 +33,7 @@ import trio
 
 from backingfs import privs, rw, syscalls
 from backingfs.backing_file import BackingFile
+from backingfs.copyfile import copy_range
 from backingfs.flags import APPEND, IocbFlags, from_open_flags
 from backingfs.fsapi import Caller, Entry, OpenReply, ReadDone
 from backingfs.handles import Handle
@@ -327,6 +328,26 @@ async def fallocate(fs: PassthruFs, fh: int, mode: int, off: int, length: int) -
             inode.attrs.copyattr(os.fstat(handle.file.fd))
     finally:
         handle.io.end_io()
+
+
+async def copy_file_range(fs: PassthruFs, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                          length: int) -> int:
+    """SOURCE's filesystem copies between the two backing files (copyfile.copy_range)."""
+    src = fs.handles.begin_io(fh_in)
+    try:
+        dst = fs.handles.begin_io(fh_out)
+        try:
+            if src.file is None or dst.file is None:
+                raise OSError(errno.EBADF, "no backing file")
+            async with dst.inode.lock:
+                done = await trio.to_thread.run_sync(copy_range, src.file.fd, dst.file.fd,
+                                                     off_in, off_out, length)
+                dst.inode.attrs.copyattr(os.fstat(dst.file.fd))
+            return done
+        finally:
+            dst.io.end_io()
+    finally:
+        src.io.end_io()
 
 
 async def lseek(fs: PassthruFs, fh: int, off: int, whence: int) -> int:

@@ -218,6 +218,10 @@ class PassthruFs(Filesystem):
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await file_ops.fallocate(self, fh, mode, off, length)
 
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        return await file_ops.copy_file_range(self, fh_in, off_in, fh_out, off_out, length)
+
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         return await file_ops.lseek(self, fh, off, whence)
 

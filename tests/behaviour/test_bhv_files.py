@@ -272,3 +272,42 @@ def test_seek_data_and_hole(fs: Path) -> None:
             os.lseek(fd, (1 << 20) + 4096, os.SEEK_DATA)
     finally:
         os.close(fd)
+
+
+def _pattern(n: int) -> bytes:
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
+
+
+@pytest.mark.tree({"src": _pattern(3 << 20)})
+def test_copy_file_range(fs: Path) -> None:
+    """copy_file_range(2) inside the mount (GNU cp uses it): from a file of the tree (a
+    lower one on an overlay) into a new one, at odd offsets, past the destination's EOF
+    (a hole between), within one file, and the kernel's refusals."""
+    data = _pattern(3 << 20)
+    src = os.open(fs / "src", os.O_RDONLY)
+    dst = os.open(fs / "dst", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            n = os.copy_file_range(src, dst, len(data) - done, done, done)
+            assert n > 0
+            done += n
+        assert os.copy_file_range(src, dst, 100, len(data), 0) == 0  # at the source's EOF
+        assert os.fstat(dst).st_size == len(data)
+        assert os.copy_file_range(src, dst, 4097, 12345, 5_000_001) == 4097
+        assert os.fstat(dst).st_size == 5_000_001 + 4097
+        assert os.pread(dst, 4097, 5_000_001) == data[12345:12345 + 4097]
+        assert os.pread(dst, 100, len(data) + 10) == bytes(100)
+        # Within the destination itself, ranges apart; overlapping ones are refused.
+        assert os.copy_file_range(dst, dst, 1000, 0, 4_000_000) == 1000
+        assert os.pread(dst, 1000, 4_000_000) == data[:1000]
+        with raises_errno(errno.EINVAL):
+            os.copy_file_range(dst, dst, 1000, 0, 500)
+        with raises_errno(errno.EBADF):
+            os.copy_file_range(dst, src, 10, 0, 0)  # into a file open read-only
+    finally:
+        os.close(src)
+        os.close(dst)
+    whole = (fs / "dst").read_bytes()
+    assert whole[:len(data)] == data
+    assert (fs / "src").read_bytes() == data

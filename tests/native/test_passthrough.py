@@ -147,6 +147,29 @@ def test_tmpfile_data_io_never_reaches_the_daemon(passthru: FuseTargetMount) -> 
     assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 1
 
 
+@needs_passthrough
+def test_copy_file_range_is_the_backing_filesystems(passthru: FuseTargetMount) -> None:
+    """copy_file_range between two passthrough opens: one COPY_FILE_RANGE request per
+    call (were it refused, the kernel would send no second one and copy by itself),
+    SOURCE's filesystem copies, no data comes through the daemon."""
+    data = _payload(3 * MiB)
+    (passthru.root / "a").write_bytes(data)
+    before = _ops(passthru)
+    src = os.open(passthru.root / "a", os.O_RDONLY)
+    dst = os.open(passthru.root / "b", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.copy_file_range(src, dst, MiB, 0, 0) == MiB
+        assert os.copy_file_range(src, dst, 2 * MiB, MiB, MiB) == 2 * MiB
+    finally:
+        os.close(src)
+        os.close(dst)
+    after = _ops(passthru)
+    assert after["COPY_FILE_RANGE"] == before.get("COPY_FILE_RANGE", 0) + 2, after
+    assert after.get("READ", 0) == after.get("WRITE", 0) == 0, after
+    assert (passthru.data / "b").read_bytes() == data
+    assert os.stat(passthru.root / "b").st_size == 3 * MiB
+
+
 @pytest.mark.parametrize("passthru", ["off"], indirect=True)
 def test_passthrough_off_serves_data_in_userspace(passthru: FuseTargetMount) -> None:
     path = passthru.root / "f"
@@ -289,6 +312,30 @@ def test_copy_up_orderings_give_both_openers_the_right_data(
     assert not (upper / "d").exists()
     pt = _pt(overlay)
     assert pt["registered"] == 0 and pt["ids_opened"] == pt["ids_closed"] >= 1
+
+
+@needs_passthrough
+def test_overlay_copy_file_range_from_a_lower_file(overlay: FuseTargetMount) -> None:
+    """From a lower file (read through the daemon on a writable overlay) into an upper
+    one: a COPY_FILE_RANGE per call, the real files copy, no READ or WRITE."""
+    mnt = overlay.root
+    old = (mnt.parent / "lower" / "a").read_bytes()
+    half = len(old) // 2
+    before = _ops(overlay)
+    src = os.open(mnt / "a", os.O_RDONLY)
+    dst = os.open(mnt / "new", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.copy_file_range(src, dst, half, 0, 0) == half
+        assert os.copy_file_range(src, dst, len(old), half, half) == len(old) - half
+    finally:
+        os.close(src)
+        os.close(dst)
+    after = _ops(overlay)
+    assert after["COPY_FILE_RANGE"] == before.get("COPY_FILE_RANGE", 0) + 2, after
+    assert after.get("READ", 0) == before.get("READ", 0), after
+    assert after.get("WRITE", 0) == before.get("WRITE", 0), after
+    assert (mnt.parent / "upper" / "new").read_bytes() == old
+    assert not (mnt.parent / "upper" / "a").exists()  # the source was not copied up
 
 
 @pytest.fixture
