@@ -4,8 +4,9 @@ trio, with no libfuse and no pyfuse3 (DESIGN §7).
 Why it exists: it can negotiate what pyfuse3 on libfuse 3.14 cannot, above all kernel
 passthrough (``passthrough.py``: the kernel serves read/write from the backing file, the
 daemon never sees them), serves requests pyfuse3 has no handler for (FALLOCATE, LSEEK,
-TMPFILE: O_TMPFILE, IOCTL: lsattr/chattr, STATX: birth times), and answers a request
-with one read and one write of the device and no C/Python hop in between.
+TMPFILE: O_TMPFILE, IOCTL: lsattr/chattr, STATX: birth times, COPY_FILE_RANGE: the
+backing filesystem copies), and answers a request with one read and one write of the
+device and no C/Python hop in between.
 
 Shape (``NativeSession``, the same four calls as ``bridge.Pyfuse3Session``):
 - ``mount``: ``fusemount.mount_device`` (mount(2) as root, fusermount3 otherwise).
