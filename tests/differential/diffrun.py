@@ -18,10 +18,11 @@ RENAME_NOREPLACE, RENAME_EXCHANGE through renameat2), link, symlink (relative, n
 leaving the tree), readlink, stat, lstat, chmod, utime, set/get/remove/listxattr on user.*,
 readdir, lsattr and chattr (+i, +a, +d, +A, +S set and cleared; +i only while no fd is
 held, see ``Generator.next``), and up to three fds held open across other ops (open, pread,
-pwrite, ftruncate, fallocate in five modes, fstat, close). Every open is O_NONBLOCK so a
-FIFO never blocks. Each starting tree holds protected objects (an append-only file; in the
-overlay pair an immutable lower file too), and everything is made removable again
-(``unprotect``) before a clean run's directory is deleted.
+pwrite, ftruncate, fallocate in five modes, copy_file_range between them, fstat, close).
+Every open is O_NONBLOCK so a FIFO never blocks. Each starting tree holds protected
+objects (an append-only file; in the overlay pair an immutable lower file too), and
+everything is made removable again (``unprotect``) before a clean run's directory is
+deleted.
 
 After each operation the runner compares: the outcome (success value or errno), then for
 every path the op named and its parent directory: the lstat subset (type, permission bits,
@@ -696,6 +697,11 @@ class Generator:
                 op["len"] = rng.choice((10, 4096, 100_000))
             elif kind == "fdtruncate":
                 op["size"] = rng.choice((0, 5, 8192, 90_000))
+            elif kind == "fdcopy":   # copy_file_range from a slot (maybe this one) into it
+                op["src_slot"] = rng.choice(sorted(slots))
+                op["off_in"] = self.offset(0)
+                op["off"] = self.offset(0)
+                op["len"] = rng.choice((1, 4096, 70_000, 300_000))
             elif kind == "fallocate":
                 op["mode"] = rng.choice((0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE, ZERO_RANGE,
                                          ZERO_RANGE | KEEP_SIZE))
@@ -709,9 +715,9 @@ WEIGHTS: dict[str, int] = {
     "rmdir": 4, "unlink": 5, "rename": 9, "link": 3, "symlink": 3, "readlink": 1, "stat": 2,
     "lstat": 2, "chmod": 3, "utime": 3, "setxattr": 4, "getxattr": 3, "removexattr": 2,
     "listxattr": 2, "readdir": 4, "open": 3, "fdwrite": 3, "fdread": 3, "fdtruncate": 1,
-    "fdstat": 2, "close": 2, "chattr": 3, "lsattr": 1, "fallocate": 2,
+    "fdstat": 2, "close": 2, "chattr": 3, "lsattr": 1, "fallocate": 2, "fdcopy": 3,
 }
-FD_OPS = {"fdwrite", "fdread", "fdtruncate", "fdstat", "close", "fallocate"}
+FD_OPS = {"fdwrite", "fdread", "fdtruncate", "fdstat", "close", "fallocate", "fdcopy"}
 OPEN_FLAGS = (os.O_RDONLY, os.O_RDWR, os.O_WRONLY, os.O_RDWR | os.O_APPEND,
               os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_CREAT)
 
@@ -815,6 +821,12 @@ def apply(side: Side, op: dict[str, Any]) -> Any:
     if kind == "fallocate":
         fallocate(fd, op["mode"], op["off"], op["len"])
         return os.fstat(fd).st_size
+    if kind == "fdcopy":
+        src = side.fds.get(op["src_slot"])
+        if src is None:
+            raise OSError(errno.EBADF, "slot not open on this side")
+        done = os.copy_file_range(src, fd, op["len"], op["off_in"], op["off"])
+        return done, os.fstat(fd).st_size
     raise ValueError(f"unknown op {kind}")
 
 
