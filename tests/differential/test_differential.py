@@ -103,3 +103,13 @@ def test_a_difference_is_reported_with_seed_op_and_history(
     assert diffrun.nothing_mounted_under(base)   # torn down, layers kept for the post-mortem
     diffrun.unprotect(base)
     shutil.rmtree(base)
+
+
+def test_lower_hard_link_on_pyfuse3_is_refused_as_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A documented difference (README) is not reported as a mismatch: the run refuses."""
+    with pytest.raises(SystemExit) as exc:
+        diffrun.main(["--pair", "overlay", "--ops", "1", "--opts", "session=pyfuse3",
+                      "--lower-hardlink"])
+    assert exc.value.code == 2
+    assert "cannot be compared on session=pyfuse3" in capsys.readouterr().err
