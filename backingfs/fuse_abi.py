@@ -113,6 +113,10 @@ DIRECT_IO_ALLOW_MMAP = 1 << 36
 PASSTHROUGH = 1 << 37
 NO_EXPORT_SUPPORT = 1 << 38
 HAS_RESEND = 1 << 39
+ALLOW_IDMAP = 1 << 40
+#: Requests through io_uring per-CPU queues (7.42; offered only when the fuse module's
+#: ``enable_uring`` parameter is on). See fuse_uring.py.
+OVER_IO_URING = 1 << 41
 
 INIT_FLAG_NAMES = {v: k for k, v in globals().items()
                    if k.isupper() and isinstance(v, int) and v > 0 and v & (v - 1) == 0
@@ -245,3 +249,19 @@ def dirent_size(namelen: int, plus: bool) -> int:
     size = DIRENT_HEAD.size + namelen
     size = (size + 7) & ~7
     return size + ENTRY_OUT_SIZE if plus else size
+
+
+# --- FUSE over io_uring (7.42) ------------------------------------------------------------
+#: IORING_OP_URING_CMD ``cmd_op`` values.
+URING_CMD_REGISTER = 1
+URING_CMD_COMMIT_AND_FETCH = 2
+#: struct fuse_uring_req_header: in_out (the in or out header), op_in (the request's first
+#: argument, its fixed part), ring_ent_in_out (flags, commit_id, payload_sz, padding,
+#: reserved).
+URING_IN_OUT = 0
+URING_OP_IN = 128
+URING_ENT_IN_OUT = 256
+URING_HEADER_SIZE = 288
+URING_ENT_IN_OUT_FMT = struct.Struct("=QQIIQ")
+#: struct fuse_uring_cmd_req, in the SQE's command area: flags, commit_id, qid, padding.
+URING_CMD_REQ = struct.Struct("=QQH6x")

@@ -49,7 +49,7 @@ from typing import Any
 import trio
 
 from . import fuse_abi as abi
-from . import fusemount, native_ops, uring
+from . import fuse_uring, fusemount, lease, native_ops, uring
 from .fsapi import Filesystem
 from .passthrough import BackingIds
 from .pressure import PRESSURE
@@ -57,6 +57,8 @@ from .pressure import PRESSURE
 log = logging.getLogger(__name__)
 
 PASSTHROUGH_MODES = ("auto", "on", "off")
+#: ``-o uring=``: FUSE over io_uring (fuse_uring.py). auto: when the kernel offers it.
+URING_MODES = ("auto", "on", "off")
 #: Idle workers kept beyond the one reading: a burst then starts no new tasks.
 _SPARE_READERS = 4
 #: Requests served inline in a row before the reader lets other tasks run.
@@ -76,16 +78,28 @@ SPIN_SHORT_SECONDS = min(SPIN_SECONDS, 50e-6)
 #: sends 8 in about 1 ms).
 BURST_REQUESTS = 8
 BURST_SECONDS = 2e-3
+#: With FUSE over io_uring, how long the reader lets FORGETs pile up on /dev/fuse after
+#: reading some (an idle device is waited for as usual).
+FORGET_PAUSE = 0.02
 
 
 class NativeSession:
     """Serves ``fs`` on one FUSE connection. See the module docstring."""
 
-    def __init__(self, fs: Filesystem, *, passthrough: str = "auto") -> None:
+    def __init__(self, fs: Filesystem, *, passthrough: str = "auto",
+                 uring: str = "auto") -> None:
         if passthrough not in PASSTHROUGH_MODES:
             raise ValueError(f"passthrough={passthrough!r}: expected auto, on or off")
+        if uring not in URING_MODES:
+            raise ValueError(f"uring={uring!r}: expected auto, on or off")
         self.fs = fs
         self.passthrough_mode = passthrough
+        self.uring_mode = uring
+        #: The io_uring queues once INIT negotiated them (``start_uring``), else None.
+        self.uring: fuse_uring.FuseUring | None = None
+        self.lease = lease.LoopLease()
+        self._outer: trio.Nursery | None = None
+        self._forgets_read = False  # a request was read from /dev/fuse since the last pause
         self.fd = -1
         self.mountpoint = ""
         #: Called on the loop, inside INIT before its reply, after fs.init(). Must not block.
@@ -145,11 +159,36 @@ class NativeSession:
         os.set_blocking(self.fd, False)
         self._runnable = _runnable_check()
         self._debug = log.isEnabledFor(logging.DEBUG)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for _ in range(self._min_tasks):
-                self._spawn()
-        self._nursery = None
+        async with trio.open_nursery() as outer:
+            self._outer = outer  # the loop lease lives here, past the readers
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for _ in range(self._min_tasks):
+                    self._spawn()
+            self._nursery = None
+            if self.uring is not None:
+                # New ring requests are left to the unmount, like unread ones; handlers
+                # that suspended finish before the filesystem's destroy.
+                self.uring.stop()
+                await self.lease.drain()
+            outer.cancel_scope.cancel()
+        self._outer = None
+
+    def uring_unavailable(self) -> str | None:
+        """Why FUSE over io_uring cannot be used here (INIT asks), else None."""
+        return lease.probe() or uring.Uring.probe()
+
+    def prepare_uring(self) -> None:
+        """Before an INIT reply that asks for io_uring: set up the rings (OSError)."""
+        ring = fuse_uring.FuseUring(self, self.lease)
+        ring.prepare(self.fd, native_ops.MAX_WRITE)
+        self.uring = ring
+
+    async def start_uring(self) -> None:
+        """After that INIT reply: take the loop lease, start the queue threads."""
+        assert self._outer is not None and self.uring is not None
+        await self._outer.start(self.lease.serve)
+        self.uring.start()
 
     def terminate(self) -> None:
         """Stop reading requests (requests in flight finish); ``serve`` then returns."""
@@ -159,18 +198,23 @@ class NativeSession:
 
     def unmount(self) -> None:
         PRESSURE.unwatch()
-        if self._mounted:
-            self._mounted = False
-            try:
-                fusemount.unmount(self.mountpoint)
-            finally:
-                os.close(self.fd)
-                self.fd = -1
+        try:
+            if self._mounted:
+                self._mounted = False
+                try:
+                    fusemount.unmount(self.mountpoint)
+                finally:
+                    os.close(self.fd)
+                    self.fd = -1
+        finally:
+            if self.uring is not None:
+                self.uring.close()
 
     def statistics(self) -> dict[str, object]:
         """Requests served by opcode, and the passthrough table (for SIGUSR1 and tests)."""
         ring = uring.ACTIVE
-        return {"requests": {_opname(op): n for op, n in sorted(self.counts.items())},
+        return {"uring": None if self.uring is None else self.uring.statistics(),
+                "requests": {_opname(op): n for op, n in sorted(self.counts.items())},
                 "io_uring": None if ring is None else {
                     "submitted": ring.submitted, "completed": ring.completed,
                     "pending": ring.pending, "overflows": ring.overflows},
@@ -248,8 +292,16 @@ class NativeSession:
             try:
                 n = os.readv(fd, (buf,))
                 self._arrivals.append(time.perf_counter())
+                self._forgets_read = True
                 return bytes(self._view[:n])
             except BlockingIOError:
+                if self._forgets_read and self.uring is not None and self.uring.serving():
+                    # /dev/fuse carries only FORGETs now, and they can wait: batched, they
+                    # cost this thread one wake-up (and the queue threads one lease
+                    # hand-over) per FORGET_PAUSE instead of one per forgotten inode.
+                    self._forgets_read = False
+                    await trio.sleep(FORGET_PAUSE)
+                    continue
                 ring = uring.ACTIVE
                 if ring is not None and not ring.pending:
                     ring = None  # nothing in flight: nothing to poll for
@@ -257,7 +309,10 @@ class NativeSession:
                     # Finished what the ring completed (reads answer from their completion)
                     # before sleeping or polling: their callers are the next requests.
                     continue
-                if SPIN_SECONDS and not self._runnable():
+                if SPIN_SECONDS and not self._runnable() and (
+                        self.uring is None or not self.uring.serving()):
+                    # (With io_uring, /dev/fuse carries only forgets: no poll for them,
+                    # and a poll would hold the loop lease from the queue threads.)
                     n = self._spin(fd, buf, ring)
                     if n:
                         return bytes(self._view[:n])
@@ -307,7 +362,11 @@ class NativeSession:
                 return 0
         return 0
 
-    async def _dispatch(self, data: bytes) -> None:
+    async def _dispatch(self, data: bytes, s: Any = None) -> None:
+        """Run the request's handler; ``s`` is what it replies through (the session, or
+        an io_uring entry's stand-in for it)."""
+        if s is None:
+            s = self
         _, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.IN_HEADER.unpack_from(data)
         self.counts[opcode] += 1
         handler = self._handlers.get(opcode)
@@ -317,20 +376,20 @@ class NativeSession:
                       unique, nodeid, uid, pid, len(data))
         if handler is None:
             if opcode not in (abi.Op.INTERRUPT,):  # no reply exists for INTERRUPT
-                self.reply_error(unique, errno.ENOSYS)
+                s.reply_error(unique, errno.ENOSYS)
             return
         try:
-            await handler(self, unique, nodeid, (uid, gid, pid), data)
+            await handler(s, unique, nodeid, (uid, gid, pid), data)
         except OSError as e:
             err = e.errno or errno.EIO
             if debug:
                 log.debug("<- %s unique=%d: %s (%s)", _opname(opcode), unique,
                           errno.errorcode.get(err, err), e)
-            self.reply_error(unique, err)
+            s.reply_error(unique, err)
         except Exception:
             log.exception("%s(nodeid=%d) failed with an unexpected exception; answering EIO",
                           _opname(opcode), nodeid)
-            self.reply_error(unique, errno.EIO)
+            s.reply_error(unique, errno.EIO)
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -364,6 +423,8 @@ class NativeSession:
         """DESTROY: no more requests will come."""
         self._stop = True
         self._mounted = False
+        if self._wait_scope is not None:  # DESTROY came through io_uring: wake the reader
+            self._wait_scope.cancel()
 
 
 def _runnable_check() -> Callable[[], int]:

@@ -218,14 +218,25 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
             why = "the kernel does not offer it (Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
         elif fs.enable_writeback_cache:
             why = "the writeback cache is on (the kernel refuses both together)"
-        if why is None:
+        passthrough = _usable(s, "passthrough", s.passthrough_mode, "kernel passthrough", why)
+        if passthrough:
             want |= abi.PASSTHROUGH
-            passthrough = True
-        elif s.passthrough_mode == "on":
-            s.fail(f"passthrough=on but kernel passthrough is unavailable: {why}")
-            raise OSError(errno.EPROTO, "passthrough unavailable")
+    ring = False
+    if s.uring_mode != "off":
+        if not offered & abi.OVER_IO_URING:
+            why = ("the kernel does not offer it (Linux >= 6.14, and the fuse module's "
+                   "enable_uring parameter on)")
         else:
-            log.info("kernel passthrough off: %s", why)
+            why = s.uring_unavailable()
+            if why is None:
+                try:
+                    s.prepare_uring()
+                except OSError as e:
+                    why = f"cannot set up its rings: {e}"
+        ring = _usable(s, "uring", s.uring_mode, "FUSE over io_uring", why,
+                       quiet=not offered & abi.OVER_IO_URING)
+        if ring:
+            want |= abi.OVER_IO_URING
     got = want & offered
     s.flags = got
     s.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
@@ -255,6 +266,24 @@ async def init(s: NativeSession, unique: int, nodeid: int, ids: Ids, data: bytes
         MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4, MAX_WRITE, 1,
         MAX_PAGES, 0, got >> 32, abi.MAX_STACK_DEPTH if passthrough else 0)
     s.reply(unique, out)
+    if ring:
+        # Only now: the queues' registration needs the connection initialized, which
+        # this reply did; until they are registered the kernel holds requests back.
+        await s.start_uring()
+
+
+def _usable(s: NativeSession, option: str, mode: str, what: str, why: str | None, *,
+            quiet: bool = False) -> bool:
+    """Whether a feature asked for with ``-o OPTION=auto|on`` goes on: yes when nothing
+    stands in the way (``why`` is None); else ``on`` fails the mount with the reason, and
+    ``auto`` says it in the log (at debug level when ``quiet``: the usual case)."""
+    if why is None:
+        return True
+    if mode == "on":
+        s.fail(f"{option}=on but {what} is unavailable: {why}")
+        raise OSError(errno.EPROTO, f"{what} unavailable")
+    log.log(logging.DEBUG if quiet else logging.INFO, "%s off: %s", what, why)
+    return False
 
 
 @handler(abi.Op.DESTROY)

@@ -215,7 +215,7 @@ FUSE_VALUE_OPTIONS = frozenset({
 })
 #: Front-end choices the runner takes out before mounting (``runner.FRONTEND_OPTIONS``):
 #: which session serves the mount, and whether it may use kernel passthrough.
-FRONTEND_OPTIONS = frozenset({"session", "passthrough"})
+FRONTEND_OPTIONS = frozenset({"session", "passthrough", "uring"})
 #: fstab/mount(8) bookkeeping that reaches a helper but means nothing to a filesystem.
 IGNORED_OPTIONS = frozenset({
     "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",

@@ -46,7 +46,7 @@ import trio
 from . import uring
 from .bridge import Pyfuse3Session
 from .fsapi import Filesystem
-from .native import PASSTHROUGH_MODES, NativeSession
+from .native import PASSTHROUGH_MODES, URING_MODES, NativeSession
 from .options import FRONTEND_OPTIONS, UsageError, escape_fuse_option, parse_option
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def run(fs: Filesystem, mountpoint: str, fuse_options: Iterable[str], *, foregro
 
     def make_session() -> tuple[Session, set[str]]:
         if frontend["session"] == "native":
-            return NativeSession(fs, passthrough=frontend["passthrough"]), opts
+            return NativeSession(fs, passthrough=frontend["passthrough"],
+                                 uring=frontend["uring"]), opts
         # libfuse splits its -o string on commas again: escape ours.
         return Pyfuse3Session(fs), {escape_fuse_option(o) for o in opts}
 
@@ -132,20 +133,24 @@ def run(fs: Filesystem, mountpoint: str, fuse_options: Iterable[str], *, foregro
 
 
 def frontend_choice(fuse_options: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """Take ``session=`` and ``passthrough=`` out of the options; UsageError when bad.
+    """Take ``session=``, ``passthrough=`` and ``uring=`` out of the options; UsageError
+    when bad.
 
     The defaults come from BACKINGFS_SESSION and BACKINGFS_PASSTHROUGH when set (tests run
     the battery and the overlay suite on every front-end that way), else DEFAULT_SESSION
     and ``auto``."""
     choice = {"session": os.environ.get("BACKINGFS_SESSION", "").strip() or DEFAULT_SESSION,
-              "passthrough": os.environ.get("BACKINGFS_PASSTHROUGH", "").strip() or "auto"}
+              "passthrough": os.environ.get("BACKINGFS_PASSTHROUGH", "").strip() or "auto",
+              "uring": os.environ.get("BACKINGFS_URING", "").strip() or "auto"}
     rest = []
+    given = set()
     for tok in fuse_options:
         key, value = parse_option(tok)
         if key in FRONTEND_OPTIONS:
             if value is None:
                 raise UsageError(f"option {key} needs a value")
             choice[key] = value
+            given.add(key)
         else:
             rest.append(tok)
     if choice["session"] not in SESSIONS:
@@ -153,6 +158,12 @@ def frontend_choice(fuse_options: Iterable[str]) -> tuple[dict[str, str], list[s
     if choice["passthrough"] not in PASSTHROUGH_MODES:
         raise UsageError(f"passthrough={choice['passthrough']}: expected one of "
                          f"{', '.join(PASSTHROUGH_MODES)}")
+    if choice["uring"] not in URING_MODES:
+        raise UsageError(f"uring={choice['uring']}: expected one of {', '.join(URING_MODES)}")
+    if choice["uring"] == "on" and choice["session"] != "native":
+        if "uring" in given:
+            raise UsageError("uring=on needs session=native (libfuse 3.14 has no io_uring)")
+        choice["uring"] = "off"  # BACKINGFS_URING=on is a default, session=pyfuse3 a choice
     return choice, rest
 
 

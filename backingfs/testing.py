@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import fuse_uring
+
 #: The directory holding the backingfs/, passthru/ and overlay/ packages.
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -343,15 +345,24 @@ class FuseTargetMount(TargetMount):
 
 def start_fuse_target(argv: list[str], mountpoint: Path, root: Path | None = None,
                       data: Path | None = None, timeout: float = 10.0,
-                      upper: Path | None = None) -> FuseTargetMount:
-    """Start a daemon from ``argv`` and wait for its mount; on failure nothing is left."""
-    mount = start_daemon(argv, str(mountpoint))
-    try:
-        mount.wait_live(timeout)
-    except BaseException:
-        mount.force_cleanup()
-        raise
+                      upper: Path | None = None, uring: bool = False) -> FuseTargetMount:
+    """Start a daemon from ``argv`` and wait for its mount; on failure nothing is left.
+    ``uring``: the kernel offers FUSE over io_uring to this mount (the fuse module's
+    switch is on until its INIT is answered, then back as it was)."""
+    with fuse_uring.kernel_offers_uring() if uring else contextlib.nullcontext():
+        mount = start_daemon(argv, str(mountpoint))
+        try:
+            mount.wait_live(timeout)
+            if uring:
+                os.stat(mountpoint)  # answered once INIT is
+        except BaseException:
+            mount.force_cleanup()
+            raise
     return FuseTargetMount(root or mountpoint, data, mount, upper)
+
+
+def _uring_unavailable(options: tuple[str, ...]) -> str | None:
+    return fuse_uring.unavailable() if URING_ON in options else None
 
 
 def fuse_unavailable() -> str | None:
@@ -373,7 +384,7 @@ class PassthruTarget(Target):
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("passthru.cli") is None:
             return "passthru is not written yet (no passthru.cli module for python -m passthru)"
-        return fuse_unavailable()
+        return fuse_unavailable() or _uring_unavailable(self.options)
 
     def start(self, base: Path) -> TargetMount:
         source, mnt = base / "source", base / "mnt"
@@ -381,7 +392,8 @@ class PassthruTarget(Target):
         mnt.mkdir()
         opts = ",".join(("allow_other", *self.options))
         return start_fuse_target(cli_argv("passthru", "-f", "-o", opts, str(source), str(mnt)),
-                                 mnt, data=source, upper=source)
+                                 mnt, data=source, upper=source,
+                                 uring=URING_ON in self.options)
 
 
 class KernelOverlayTarget(Target):
@@ -436,7 +448,7 @@ class OverlayTarget(Target):
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("overlay.cli") is None:
             return "overlay is not written yet (no overlay.cli module for python -m overlay)"
-        return fuse_unavailable()
+        return fuse_unavailable() or _uring_unavailable(self.options)
 
     def start(self, base: Path) -> TargetMount:
         names = ("lower", "lower2", "upper", "work", "mnt")
@@ -448,13 +460,17 @@ class OverlayTarget(Target):
                          *self.options))
         data = None if self.where == "upper" else d["lower"]
         return start_fuse_target(cli_argv("overlay", "-f", "-o", opts, str(d["mnt"])),
-                                 d["mnt"], data=data, upper=d["upper"])
+                                 d["mnt"], data=data, upper=d["upper"],
+                                 uring=URING_ON in self.options)
 
 
 #: The front-end variants the battery also runs (the plain names use the default session,
 #: runner.DEFAULT_SESSION, with kernel passthrough where the kernel offers it).
 PYFUSE3 = ("session=pyfuse3",)
 NO_PASSTHROUGH = ("session=native", "passthrough=off")
+#: FUSE over io_uring (targets that use it turn the fuse module's switch on to mount).
+URING_ON = "uring=on"
+URING = ("session=native", URING_ON)
 
 for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget(),
                 OverlayTarget("overlay-lower", "lower"), OverlayTarget("overlay-upper", "upper"),
@@ -464,7 +480,9 @@ for _target in (NativeTarget(), PassthruTarget(), KernelOverlayTarget(),
                 OverlayTarget("overlay-lower-pyfuse3", "lower", PYFUSE3),
                 OverlayTarget("overlay-upper-nopt", "upper", NO_PASSTHROUGH),
                 # lower files by kernel passthrough: fuse-overlayfs's copy-up semantics
-                OverlayTarget("overlay-lower-lpt", "lower", ("lower_passthrough",))):
+                OverlayTarget("overlay-lower-lpt", "lower", ("lower_passthrough",)),
+                PassthruTarget(URING, "passthru-uring"),
+                OverlayTarget("overlay-lower-uring", "lower", URING)):
     register(_target)
 
 

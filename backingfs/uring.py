@@ -147,6 +147,53 @@ def buffer_address(buf: Any, *, writable: bool) -> tuple[int, int, Any]:
     return ctypes.addressof(arr), n, arr
 
 
+
+class RingMap:
+    """A ring's shared memory, mapped: the SQ and CQ rings and the SQE array, with the
+    offsets of their fields (from the params ``io_uring_setup`` filled in). ``sqe_size``
+    is 64, or 128 for a ring set up with IORING_SETUP_SQE128. The SQ index array maps
+    ring slot i to SQE i once and for all. ``maps`` are closed by the owner."""
+
+    def __init__(self, fd: int, params: ctypes.Array[ctypes.c_char], sqe_size: int) -> None:
+        v = _PARAMS.unpack(params.raw)
+        sq_entries, cq_entries, _flags, _cpu, _idle, features = v[:6]
+        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _sq_dropped, sq_array = v[10:17]
+        cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes = v[19:25]
+        self.features = features
+        self.sq_entries = sq_entries
+        self.cq_entries = cq_entries
+        sq_size = sq_array + sq_entries * 4
+        cq_size = cqes + cq_entries * _CQE_SIZE
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mflags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        self.maps: list[mmap.mmap] = []
+        try:
+            if features & _IORING_FEAT_SINGLE_MMAP:
+                sq = cq = mmap.mmap(fd, max(sq_size, cq_size), mflags, prot,
+                                    offset=_IORING_OFF_SQ_RING)
+                self.maps.append(sq)
+            else:
+                sq = mmap.mmap(fd, sq_size, mflags, prot, offset=_IORING_OFF_SQ_RING)
+                self.maps.append(sq)
+                cq = mmap.mmap(fd, cq_size, mflags, prot, offset=_IORING_OFF_CQ_RING)
+                self.maps.append(cq)
+            self.sqes = mmap.mmap(fd, sq_entries * sqe_size, mflags, prot,
+                                  offset=_IORING_OFF_SQES)
+            self.maps.append(self.sqes)
+        except BaseException:
+            for m in self.maps:
+                m.close()
+            raise
+        self.sq, self.cq = sq, cq
+        self.sq_head, self.sq_tail, self.sq_flags = sq_head, sq_tail, sq_flags
+        self.sq_mask = _U32.unpack_from(sq, sq_mask)[0]
+        self.cq_head, self.cq_tail = cq_head, cq_tail
+        self.cq_mask = _U32.unpack_from(cq, cq_mask)[0]
+        self.cqes = cqes
+        for i in range(sq_entries):
+            _U32.pack_into(sq, sq_array + 4 * i, i)
+
+
 class Uring:
     """One io_uring instance; see the module docstring for threading and lifetimes."""
 
@@ -210,39 +257,19 @@ class Uring:
         self.overflows = 0  # times completions had to be fetched from the overflow list
 
     def _map(self, params: ctypes.Array[ctypes.c_char]) -> None:
-        v = _PARAMS.unpack(params.raw)
-        sq_entries, cq_entries, _flags, _cpu, _idle, features = v[:6]
-        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _sq_dropped, sq_array = v[10:17]
-        cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes = v[19:25]
-        self.features = features
-        self.sq_entries = sq_entries
-        self.cq_entries = cq_entries
-        sq_size = sq_array + sq_entries * 4
-        cq_size = cqes + cq_entries * _CQE_SIZE
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        mflags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-        if features & _IORING_FEAT_SINGLE_MMAP:
-            size = max(sq_size, cq_size)
-            sq = cq = mmap.mmap(self.fd, size, mflags, prot, offset=_IORING_OFF_SQ_RING)
-            self._maps.append(sq)
-        else:
-            sq = mmap.mmap(self.fd, sq_size, mflags, prot, offset=_IORING_OFF_SQ_RING)
-            self._maps.append(sq)
-            cq = mmap.mmap(self.fd, cq_size, mflags, prot, offset=_IORING_OFF_CQ_RING)
-            self._maps.append(cq)
-        sqes = mmap.mmap(self.fd, sq_entries * _SQE_SIZE, mflags, prot, offset=_IORING_OFF_SQES)
-        self._maps.append(sqes)
-        self._sq, self._cq, self._sqes = sq, cq, sqes
-        self._sq_head, self._sq_tail = sq_head, sq_tail
-        self._sq_flags = sq_flags
-        self._sq_mask = _U32.unpack_from(sq, sq_mask)[0]
-        self._cq_head, self._cq_tail = cq_head, cq_tail
-        self._cq_mask = _U32.unpack_from(cq, cq_mask)[0]
-        self._cqes = cqes
-        # The SQ index array maps ring slot i to SQE i, once and for all.
-        for i in range(sq_entries):
-            _U32.pack_into(sq, sq_array + 4 * i, i)
-        self._tail = _U32.unpack_from(sq, sq_tail)[0]
+        m = RingMap(self.fd, params, _SQE_SIZE)
+        self._maps.extend(m.maps)
+        self.features = m.features
+        self.sq_entries = m.sq_entries
+        self.cq_entries = m.cq_entries
+        self._sq, self._cq, self._sqes = m.sq, m.cq, m.sqes
+        self._sq_head, self._sq_tail = m.sq_head, m.sq_tail
+        self._sq_flags = m.sq_flags
+        self._sq_mask = m.sq_mask
+        self._cq_head, self._cq_tail = m.cq_head, m.cq_tail
+        self._cq_mask = m.cq_mask
+        self._cqes = m.cqes
+        self._tail = _U32.unpack_from(m.sq, m.sq_tail)[0]
 
     # -- submission ------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from backingfs import fuse_uring  # noqa: E402
 from backingfs.testing import Mount, cli_argv, cli_env, is_fuse_mounted  # noqa: E402
 
 MiB = 1 << 20
@@ -496,8 +497,11 @@ class Target:
             else:
                 argv = self._fuse_argv(data, mnt, layers)
                 handle = FuseMount(self.name, argv, mnt, scratch / "daemon.log", scratch)
-                _LIVE.append(handle)
-                handle.wait_live()
+                with (fuse_uring.kernel_offers_uring() if "uring=on" in self.options
+                      else contextlib.nullcontext()):
+                    _LIVE.append(handle)
+                    handle.wait_live()
+                    os.stat(mnt)  # returns once INIT is answered: io_uring negotiated
             try:
                 yield RunDirs(mnt, data)
             finally:
@@ -548,6 +552,9 @@ _VARIANTS = {
     "overlay-pyfuse3": ("overlay", ["session=pyfuse3"]),
     "overlay-nopt": ("overlay", ["passthrough=off"]),
     "overlay-lpt": ("overlay", ["lower_passthrough"]),
+    # FUSE over io_uring (the bench turns the fuse module's enable_uring on for the mount)
+    "passthru-uring": ("passthru", ["cache=auto", "uring=on"]),
+    "overlay-uring": ("overlay", ["uring=on"]),
     "overlay-ro": ("overlay", []),
     "kernel-overlay-ro": ("kernel-overlay", []),
     "fuse-overlayfs-ro": ("fuse-overlayfs", []),

@@ -693,27 +693,34 @@ def test_prune_refused_by_an_old_kernel_is_not_asked_again(
     assert len(writes) == 1
 
 
-def test_frontend_choice_takes_session_and_passthrough_out(
+def test_frontend_choice_takes_session_passthrough_and_uring_out(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from backingfs.options import UsageError
     from backingfs.runner import DEFAULT_SESSION, frontend_choice
 
-    monkeypatch.delenv("BACKINGFS_SESSION", raising=False)
-    monkeypatch.delenv("BACKINGFS_PASSTHROUGH", raising=False)
+    for var in ("BACKINGFS_SESSION", "BACKINGFS_PASSTHROUGH", "BACKINGFS_URING"):
+        monkeypatch.delenv(var, raising=False)
     choice, rest = frontend_choice(["ro", "session=pyfuse3", "passthrough=off", "fsname=x"])
-    assert choice == {"session": "pyfuse3", "passthrough": "off"}
+    assert choice == {"session": "pyfuse3", "passthrough": "off", "uring": "auto"}
     assert rest == ["ro", "fsname=x"]
-    assert frontend_choice([])[0] == {"session": DEFAULT_SESSION, "passthrough": "auto"}
+    assert frontend_choice([])[0] == {"session": DEFAULT_SESSION, "passthrough": "auto",
+                                      "uring": "auto"}
+    assert frontend_choice(["uring=off"])[0]["uring"] == "off"
     monkeypatch.setenv("BACKINGFS_SESSION", "pyfuse3")
     assert frontend_choice([])[0]["session"] == "pyfuse3"
     monkeypatch.setenv("BACKINGFS_PASSTHROUGH", "off")
-    assert frontend_choice([])[0] == {"session": "pyfuse3", "passthrough": "off"}
+    monkeypatch.setenv("BACKINGFS_URING", "off")
+    assert frontend_choice([])[0] == {"session": "pyfuse3", "passthrough": "off",
+                                      "uring": "off"}
     assert frontend_choice(["passthrough=on"])[0]["passthrough"] == "on"
+    monkeypatch.setenv("BACKINGFS_URING", "on")  # a default: an explicit pyfuse3 wins
+    assert frontend_choice(["session=pyfuse3"])[0]["uring"] == "off"
     monkeypatch.setenv("BACKINGFS_PASSTHROUGH", "sometimes")
     with pytest.raises(UsageError):
         frontend_choice([])
     monkeypatch.delenv("BACKINGFS_PASSTHROUGH")
-    for bad in (["session=kernel"], ["passthrough=maybe"], ["session"]):
+    for bad in (["session=kernel"], ["passthrough=maybe"], ["session"], ["uring=maybe"],
+                ["uring"], ["session=pyfuse3", "uring=on"]):
         with pytest.raises(UsageError):
             frontend_choice(bad)
 
