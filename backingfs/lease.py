@@ -63,7 +63,8 @@ def probe() -> str | None:
     if ctx is None or not isinstance(ctx, threading.local):
         return "this trio has no thread-local GLOBAL_RUN_CONTEXT"
     task_cls = getattr(_trio_run, "Task", None)
-    for name in ("_abort_func", "_attempt_delivery_of_any_pending_cancel", "context"):
+    for name in ("_abort_func", "_next_send_fn", "_cancel_status",
+                 "_attempt_delivery_of_any_pending_cancel", "context"):
         if task_cls is None or not hasattr(task_cls, name):
             return f"trio's Task has no {name}"
     return None
