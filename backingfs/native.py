@@ -18,6 +18,9 @@ Shape (``NativeSession``, the same four calls as ``bridge.Pyfuse3Session``):
   spawn either. A new worker starts when none is left waiting, up to ``max_tasks``: that
   bounds the requests in flight, as in pyfuse3. The loop ends on ENODEV (unmounted),
   DESTROY, or ``terminate()``; requests already read finish.
+- FUSE over io_uring (``-o uring=``, ``fuse_uring.py``), when INIT negotiates it: requests
+  then come from per-CPU kernel queues to threads pinned on the callers' CPUs, which run
+  the same handlers under the loop lease (``lease.py``); this reader is left with FORGETs.
 - Replies are one ``writev`` (header, payload). A reply the kernel no longer wants (ENOENT:
   the request was interrupted) is undone where it matters: an entry's lookup reference is
   forgotten, an open handle released, as libfuse does.

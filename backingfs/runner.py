@@ -136,9 +136,10 @@ def frontend_choice(fuse_options: Iterable[str]) -> tuple[dict[str, str], list[s
     """Take ``session=``, ``passthrough=`` and ``uring=`` out of the options; UsageError
     when bad.
 
-    The defaults come from BACKINGFS_SESSION and BACKINGFS_PASSTHROUGH when set (tests run
-    the battery and the overlay suite on every front-end that way), else DEFAULT_SESSION
-    and ``auto``."""
+    The defaults come from BACKINGFS_SESSION, BACKINGFS_PASSTHROUGH and BACKINGFS_URING
+    when set (tests run the battery and the overlay suite on every front-end that way),
+    else DEFAULT_SESSION and ``auto``. ``uring=on`` given with the pyfuse3 session is an
+    error; as a default (BACKINGFS_URING) it yields to ``session=pyfuse3``."""
     choice = {"session": os.environ.get("BACKINGFS_SESSION", "").strip() or DEFAULT_SESSION,
               "passthrough": os.environ.get("BACKINGFS_PASSTHROUGH", "").strip() or "auto",
               "uring": os.environ.get("BACKINGFS_URING", "").strip() or "auto"}

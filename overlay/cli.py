@@ -53,6 +53,8 @@ Mount a union of directories in the kernel overlayfs on-disk format.
        xattr_permissions=0|1|2
                          keep owner and mode in security.fuseoverlayfs.override_stat (1)
                          or user.containers.override_stat (2) on the upper layer
+       session=native|pyfuse3, passthrough=auto|on|off, uring=auto|on|off
+                         front-end, kernel passthrough, FUSE over io_uring (README)
        noacl, static_nlink, context= (ignored), and the FUSE options (allow_other, ro,
        nodev, ...); plugins=, threaded=, fast_ino= are ignored with a warning
   -h, --help      this help

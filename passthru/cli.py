@@ -35,6 +35,10 @@ Mirror the directory SOURCE at MOUNTPOINT.
               timeout=SEC               entry/attr timeout, overriding the cache mode
               acl | noacl               enforce SOURCE's POSIX ACLs, inherit default
                                         ACLs (default acl; noacl: mode bits only)
+              session=native|pyfuse3    front-end (default native)
+              passthrough=auto|on|off   kernel passthrough of file data (native)
+              uring=auto|on|off         FUSE over io_uring when the kernel offers it
+                                        (native; the fuse module's enable_uring)
               and FUSE options: allow_other, ro, fsname=..., ...
 """
 
