@@ -84,6 +84,8 @@ BURST_SECONDS = 2e-3
 #: With FUSE over io_uring, how long the reader lets FORGETs pile up on /dev/fuse after
 #: reading some (an idle device is waited for as usual).
 FORGET_PAUSE = 0.02
+#: How soon to retry handing the ring entries it refused for the moment (EAGAIN, ENOMEM).
+RING_RETRY = 1e-3
 
 
 class NativeSession:
@@ -103,6 +105,7 @@ class NativeSession:
         self.lease = lease.LoopLease()
         self._outer: trio.Nursery | None = None
         self._forgets_read = False  # a request was read from /dev/fuse since the last pause
+        self._backlog = False  # the last request read was there without waiting
         self.fd = -1
         self.mountpoint = ""
         #: Called on the loop, inside INIT before its reply, after fs.init(). Must not block.
@@ -219,7 +222,8 @@ class NativeSession:
         return {"uring": None if self.uring is None else self.uring.statistics(),
                 "requests": {_opname(op): n for op, n in sorted(self.counts.items())},
                 "io_uring": None if ring is None else {
-                    "submitted": ring.submitted, "completed": ring.completed,
+                    "submitted": ring.submitted, "enters": ring.enters,
+                    "completed": ring.completed,
                     "pending": ring.pending, "overflows": ring.overflows},
                 "suspended": {_opname(op): n for op, n in sorted(self.suspended.items())},
                 "passthrough": {"enabled": self.backing.enabled,
@@ -246,6 +250,8 @@ class NativeSession:
                 try:
                     coro, trap = await self._serve_inline()
                 finally:
+                    # A handler that suspended may wait for what it just queued.
+                    self._flush_ring()
                     lock.release()
                 if coro is None:
                     return
@@ -266,11 +272,19 @@ class NativeSession:
         (its coroutine and what it yielded to trio), or (None, None) when the session
         ends."""
         burst = 0
+        ring = uring.ACTIVE
         while True:
             data = await self._read()
             if data is None:
                 return None, None
             coro = self._dispatch(data)
+            if ring is not None and self._backlog:
+                # Requests are queued up (this one was read without waiting): the ring's
+                # submissions wait for the read that finds /dev/fuse empty (``_read``) or
+                # for this loop to let go, so that a burst of cold READs enters the kernel
+                # once. A lone request's I/O starts at once: the latency of queue depth 1.
+                # Only here, where nothing else runs on the loop.
+                ring.deferring = True
             try:
                 trap = coro.send(None)
             except StopIteration:
@@ -278,10 +292,17 @@ class NativeSession:
                 if burst >= _INLINE_BURST:
                     # Let the requests that suspended, and thread completions, move on.
                     burst = 0
+                    self._flush_ring()
                     await trio.lowlevel.checkpoint()
                 continue
             self.suspended[int.from_bytes(data[4:8], "little")] += 1
             return coro, trap
+
+    def _flush_ring(self) -> bool:
+        """Submit what the inline loop left in the ring; False if the kernel did not take
+        all of it (retry soon)."""
+        ring = uring.ACTIVE
+        return ring is None or ring.flush()
 
     async def _read(self) -> bytes | None:
         """The next request, as its own bytes (the shared buffer is reused at once).
@@ -291,6 +312,7 @@ class NativeSession:
         request, measured at 50 µs each."""
         fd = self.fd
         buf = self._buf
+        self._backlog = True
         while not self._stop:
             try:
                 n = os.readv(fd, (buf,))
@@ -298,6 +320,10 @@ class NativeSession:
                 self._forgets_read = True
                 return bytes(self._view[:n])
             except BlockingIOError:
+                self._backlog = False
+                if not self._flush_ring():
+                    await trio.sleep(RING_RETRY)  # the kernel refused for now: no sleep
+                    continue                     # on /dev/fuse with reads not started
                 if self._forgets_read and self.uring is not None and self.uring.serving():
                     # /dev/fuse carries only FORGETs now, and they can wait: batched, they
                     # cost this thread one wake-up (and the queue threads one lease

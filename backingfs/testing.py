@@ -53,6 +53,18 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def drop_cache(path: str | os.PathLike[str]) -> None:
+    """Make one file cold: written back, then its clean pages dropped from the page cache.
+    For a file on a FUSE mount that is the mounted inode's own cache, which a global
+    drop_caches may keep while the file is open elsewhere."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _unescape_mountinfo(s: str) -> str:
     for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
         s = s.replace(code, ch)

@@ -80,6 +80,10 @@ _CQE_SIZE = 16
 
 #: ``callback(res)``: res is the byte count, or -errno.
 Callback = Callable[[int], None]
+#: Most entries ``deferring`` leaves in the SQ before it enters anyway: one
+#: io_uring_enter for several cold reads runs them under one block plug (one doorbell to
+#: the device, a VM exit on a virtual disk, instead of one each).
+DEFER_MAX = 8
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +255,12 @@ class Uring:
         self._pending: dict[int, tuple[Callback, Any]] = {}
         self._next = 1
         self._unsubmitted = 0  # SQEs queued in the SQ that io_uring_enter has not taken
+        #: Set by the one driving the ring (the native session's reader, while it runs
+        #: handlers back to back): ``submit`` leaves entries in the SQ for ``flush``.
+        self.deferring = False
         self._closed = False
         self.submitted = 0  # statistics
+        self.enters = 0  # io_uring_enter calls that submitted
         self.completed = 0
         self.overflows = 0  # times completions had to be fetched from the overflow list
 
@@ -283,7 +291,8 @@ class Uring:
     @trio.lowlevel.enable_ki_protection
     def submit(self, op: int, fd: int, addr: int, length: int, offset: int, rw_flags: int,
                callback: Callback, keep: Any = None) -> None:
-        """Queue one operation and hand it to the kernel now.
+        """Queue one operation and hand it to the kernel now, or with ``deferring`` at the
+        next ``flush`` (up to DEFER_MAX entries).
 
         ``rw_flags``: RWF_* bits (RWF_HIPRI is refused by the kernel on a ring without
         IOPOLL). ``keep`` is held until ``callback(res)`` has run on the loop. Raises
@@ -308,6 +317,9 @@ class Uring:
         self._tail = (tail + 1) & 0xFFFFFFFF
         _U32.pack_into(self._sq, self._sq_tail, self._tail)  # after the SQE: x86-64 release
         self._unsubmitted += 1
+        if self.deferring and self._unsubmitted < DEFER_MAX:
+            self.submitted += 1
+            return
         try:
             self._flush()
             failure: str | None = None
@@ -317,7 +329,7 @@ class Uring:
             # The kernel did not take it (EAGAIN, EBUSY, ENOMEM, or worse). Entries are
             # consumed in order and this is the last one, so take it back off the tail
             # (the kernel reads the SQ only inside io_uring_enter): the caller then uses a
-            # worker, and the invariant "nothing left unsubmitted after submit()" holds.
+            # worker. Deferred ones before it stay for the next ``flush``.
             self._unsubmitted -= 1
             self._tail = tail
             _U32.pack_into(self._sq, self._sq_tail, tail)
@@ -325,10 +337,52 @@ class Uring:
             raise UringBusyError(f"io_uring_enter did not take the request: {failure or 'busy'}")
         self.submitted += 1
 
+    @trio.lowlevel.enable_ki_protection
+    def flush(self) -> bool:
+        """Stop deferring and hand the kernel what is in the SQ. False: it did not take all
+        of it (EAGAIN, EBUSY, ENOMEM: try again soon; the rest stays queued in order).
+        An entry it refuses outright (any other error: a bug) completes with that error,
+        its callback run on the loop soon after, as if the kernel had failed it."""
+        self.deferring = False
+        if not self._unsubmitted:
+            return True
+        try:
+            self._flush()
+        except OSError as exc:
+            self._fail_unsubmitted(-(exc.errno or errno.EIO))
+        return not self._unsubmitted
+
+    def _fail_unsubmitted(self, res: int) -> None:
+        """Take the SQ entries the kernel has not read back off the tail, and complete
+        each with ``res`` through trio's callback queue (never from inside the caller)."""
+        n = self._unsubmitted
+        self._unsubmitted = 0
+        token = trio.lowlevel.current_trio_token()
+        keys = []
+        for _ in range(n):
+            self._tail = (self._tail - 1) & 0xFFFFFFFF
+            keys.append(_SQE.unpack_from(self._sqes, (self._tail & self._sq_mask)
+                                         * _SQE_SIZE)[8])
+        _U32.pack_into(self._sq, self._sq_tail, self._tail)
+        log.error("io_uring_enter refused %d queued operation(s): %s", n, os.strerror(-res))
+        for key in reversed(keys):
+            self.submitted -= 1
+            token.run_sync_soon(self._complete_failed, key, res)
+
+    def _complete_failed(self, key: int, res: int) -> None:
+        entry = self._pending.pop(key, None)  # pending until its callback has run
+        if entry is None:
+            return
+        try:
+            entry[0](res)
+        except Exception:
+            log.exception("io_uring callback %r failed", entry[0])
+
     def _flush(self) -> None:
         """io_uring_enter for what is in the SQ. Returns when all is taken or the kernel
         says try later (EAGAIN, EBUSY, ENOMEM); raises OSError on any other error."""
         while self._unsubmitted:
+            self.enters += 1
             n = _enter(self.fd, self._unsubmitted, 0, 0)
             if n < 0:
                 err = ctypes.get_errno()

@@ -59,7 +59,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backingfs import fuse_uring  # noqa: E402
-from backingfs.testing import Mount, cli_argv, cli_env, is_fuse_mounted  # noqa: E402
+from backingfs.testing import (  # noqa: E402
+    Mount,
+    cli_argv,
+    cli_env,
+    drop_cache,
+    is_fuse_mounted,
+)
 
 MiB = 1 << 20
 DJANGO = "5.1.4"
@@ -141,22 +147,11 @@ def external_drops() -> Iterator[list[int]]:
         box.append(_vmstat_drops() - before - (_OWN_DROPS - own))
 
 
-def fadvise_dontneed(path: Path) -> None:
-    """Evict one file's clean pages; for a mounted file this is the FUSE/overlay inode's own
-    page cache, which drop_caches may keep while the file is open elsewhere."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def evict(*paths: Path) -> None:
     if not drop_caches():
         NOTES.add("drop_caches refused (not root?): cold runs rely on POSIX_FADV_DONTNEED only")
     for p in paths:
-        fadvise_dontneed(p)
+        drop_cache(p)
 
 
 def ensure_apt(binary: str, package: str) -> bool:

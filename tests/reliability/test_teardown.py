@@ -49,7 +49,7 @@ from pathlib import Path
 import pytest
 from test_crash import SEED, MiB, assert_clean_stderr, first_difference, fuse_argv, pattern
 
-from backingfs.testing import Mount, is_fuse_mounted
+from backingfs.testing import Mount, drop_cache, is_fuse_mounted
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,16 +241,6 @@ class Scene:
         assert not is_fuse_mounted(str(self.mnt))
         for d in {self.data, self.backing}:
             shutil.rmtree(d)
-
-
-def drop_cache(path: Path) -> None:
-    """Make ``path`` cold: written back and dropped from the page cache (this file only)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def wait_progress(threads: list[IoThread], more: int, timeout: float = 30.0) -> None:

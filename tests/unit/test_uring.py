@@ -3,11 +3,12 @@ teardown; and the queued read/write path with a ring active (sizes, versions, le
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -415,3 +416,129 @@ def test_completions_that_overflowed_the_cq_are_still_reaped(tmp_path: Path) -> 
     finally:
         ring.close()
         os.close(fd)
+
+
+def _queue_reads(ring: Uring, fd: int, n: int, size: int = 4096
+                 ) -> tuple[list[bytearray], dict[int, int]]:
+    """Submit ``n`` reads of ``size`` at offsets 0, size, ...; their results by index."""
+    bufs = [bytearray(size) for _ in range(n)]
+    results: dict[int, int] = {}
+    for i, buf in enumerate(bufs):
+        addr, length, keep = buffer_address(buf, writable=True)
+        ring.submit(IORING_OP_READ, fd, addr, length, i * size, 0,
+                    lambda res, i=i: results.__setitem__(i, res), keep)
+    return bufs, results
+
+
+def _failing_enter(err: int) -> Callable[..., int]:
+    """A stand-in for ``uring._enter`` that fails with ``err``, as the syscall would."""
+
+    def enter(*args: object) -> int:
+        ctypes.set_errno(err)
+        return -1
+
+    return enter
+
+
+def test_deferred_submissions_reach_the_kernel_at_flush(tmp_path: Path) -> None:
+    """With ``deferring`` the SQ holds the entries (no enter, no completion, however long
+    we wait) until ``flush``, which hands them over in one io_uring_enter."""
+    p = tmp_path / "f"
+    data = os.urandom(4 * 4096)
+    p.write_bytes(data)
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        async with running_ring(16) as ring:
+            ring.deferring = True
+            bufs, results = _queue_reads(ring, fd, 4)
+            await trio.sleep(0.1)
+            assert (ring.enters, ring.pending, results) == (0, 4, {})
+            assert ring.flush()
+            assert not ring.deferring and ring.enters == 1
+            while ring.pending:
+                await trio.sleep(0.01)
+            assert results == {i: 4096 for i in range(4)}
+            assert b"".join(bufs) == data
+        os.close(fd)
+
+    trio.run(main)
+
+
+def test_deferral_enters_once_defer_max_entries_wait(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom((uring.DEFER_MAX + 1) * 512))
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        async with running_ring(32) as ring:
+            ring.deferring = True
+            _queue_reads(ring, fd, uring.DEFER_MAX - 1, 512)
+            assert ring.enters == 0
+            _queue_reads(ring, fd, 1, 512)
+            assert ring.enters == 1  # all DEFER_MAX in that one enter
+            assert ring.flush() and ring.enters == 1  # nothing left to hand over
+            while ring.pending:
+                await trio.sleep(0.01)
+        os.close(fd)
+
+    trio.run(main)
+
+
+def test_a_flush_the_kernel_defers_keeps_the_entries_for_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAGAIN from io_uring_enter: nothing is lost or failed, the next flush submits."""
+    p = tmp_path / "f"
+    data = os.urandom(3 * 4096)
+    p.write_bytes(data)
+    real = uring._enter
+    busy = _failing_enter(errno.EAGAIN)
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        async with running_ring(16) as ring:
+            ring.deferring = True
+            bufs, results = _queue_reads(ring, fd, 3)
+            monkeypatch.setattr(uring, "_enter", busy)
+            assert not ring.flush()
+            await trio.sleep(0.05)
+            assert (ring.pending, results) == (3, {})
+            monkeypatch.setattr(uring, "_enter", real)
+            assert ring.flush()
+            while ring.pending:
+                await trio.sleep(0.01)
+            assert results == {0: 4096, 1: 4096, 2: 4096} and b"".join(bufs) == data
+        os.close(fd)
+
+    trio.run(main)
+
+
+def test_entries_the_kernel_refuses_at_flush_complete_with_its_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other error from io_uring_enter: each deferred entry is taken back off the SQ
+    and its callback gets the error, on the loop, after ``flush`` returned; the ring
+    stays usable."""
+    p = tmp_path / "f"
+    data = os.urandom(2 * 4096)
+    p.write_bytes(data)
+    real = uring._enter
+    refuse = _failing_enter(errno.EINVAL)
+
+    async def main() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        async with running_ring(16) as ring:
+            ring.deferring = True
+            _, results = _queue_reads(ring, fd, 2)
+            monkeypatch.setattr(uring, "_enter", refuse)
+            assert ring.flush()  # nothing left queued to retry
+            assert results == {}  # not from inside flush
+            monkeypatch.setattr(uring, "_enter", real)
+            while ring.pending:
+                await trio.sleep(0.01)
+            assert results == {0: -errno.EINVAL, 1: -errno.EINVAL}
+            buf = bytearray(4096)
+            assert await do(ring, IORING_OP_READ, fd, buf, 4096) == 4096
+            assert bytes(buf) == data[4096:]
+        os.close(fd)
+
+    trio.run(main)
