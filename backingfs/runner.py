@@ -67,6 +67,8 @@ MAX_BACKGROUND = 64
 IO_ENV = "BACKINGFS_IO"
 #: Ring size: more than MAX_TASKS requests, each of which has at most one op in flight.
 URING_ENTRIES = 256
+#: Longest wait at the session's end for what is still on the ring (_drain).
+DRAIN_SECONDS = 5.0
 
 #: ``-o session=``: the front-end. pyfuse3 (libfuse 3.14) or the native /dev/fuse session.
 SESSIONS = ("pyfuse3", "native")
@@ -379,6 +381,8 @@ async def _session(fs: Filesystem, session: Session, mountpoint: str) -> int:
                 code = await _serve_session(fs, session, mountpoint)
             finally:
                 uring.ACTIVE = None
+                if ring is not None:
+                    await _drain(ring)
                 backend.cancel_scope.cancel()
     finally:
         if ring is not None:
@@ -388,6 +392,16 @@ async def _session(fs: Filesystem, session: Session, mountpoint: str) -> int:
                 log.info("backing I/O: io_uring completed %d requests", ring.completed)
                 ring.close()
     return code
+
+
+async def _drain(ring: uring.Uring) -> None:
+    """Let the reaper finish what is still on the ring after destroy(): the fd closes of
+    the inodes it evicted (closing.py). Shielded: this runs on the way out, cancelled or
+    not; bounded, since a ring left with pending requests is never unmapped anyway."""
+    with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_SECONDS):
+        while ring.pending:
+            ring.flush()
+            await trio.sleep(0.001)
 
 
 async def _start_io_backend(nursery: trio.Nursery) -> uring.Uring | None:

@@ -48,10 +48,13 @@ _SYS_ENTER = 426
 _SYS_REGISTER = 427
 
 IORING_OP_FSYNC = 3
+IORING_OP_CLOSE = 19
 IORING_OP_READ = 22
 IORING_OP_WRITE = 23
 #: fsync_flags of IORING_OP_FSYNC (the rw_flags slot of the SQE).
 IORING_FSYNC_DATASYNC = 1
+#: SQE flag: run the operation on an io-wq worker thread, never inline in io_uring_enter.
+IOSQE_ASYNC = 1 << 4
 
 _IORING_OFF_SQ_RING = 0
 _IORING_OFF_CQ_RING = 0x8000000
@@ -119,6 +122,20 @@ def _enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
 def _register(fd: int, opcode: int, arg: Any, nr_args: int) -> int:
     return _syscall(ctypes.c_long(_SYS_REGISTER), ctypes.c_int(fd), ctypes.c_uint(opcode),
                     arg, ctypes.c_uint(nr_args))
+
+
+def _supported_ops(fd: int) -> frozenset[int]:
+    """The opcodes ring ``fd`` supports (IORING_REGISTER_PROBE, Linux 5.6+)."""
+    # struct io_uring_probe: last_op, ops_len, resv, resv2[3], then 256 ops of
+    # {op u8, resv u8, flags u16, resv2 u32}.
+    probe = ctypes.create_string_buffer(16 + 256 * 8)
+    if _register(fd, _IORING_REGISTER_PROBE, probe, 256) < 0:
+        raise OSError(ctypes.get_errno(),
+                      f"IORING_REGISTER_PROBE: {os.strerror(ctypes.get_errno())}")
+    raw = probe.raw
+    return frozenset(op for op in range(raw[0] + 1)
+                     if struct.unpack_from("<H", raw, 16 + op * 8 + 2)[0]
+                     & _IO_URING_OP_SUPPORTED)
 
 
 def buffer_address(buf: Any, *, writable: bool) -> tuple[int, int, Any]:
@@ -223,15 +240,12 @@ class Uring:
                 # Without it a completion that finds the CQ full is dropped: a request
                 # that never completes.
                 return "io_uring without IORING_FEAT_NODROP (Linux < 5.5)"
-            # struct io_uring_probe: last_op, ops_len, resv, resv2[3], then 256 ops of
-            # {op u8, resv u8, flags u16, resv2 u32}.
-            probe = ctypes.create_string_buffer(16 + 256 * 8)
-            if _register(fd, _IORING_REGISTER_PROBE, probe, 256) < 0:
-                return f"IORING_REGISTER_PROBE: {os.strerror(ctypes.get_errno())}"
-            raw = probe.raw
+            try:
+                ops = _supported_ops(fd)
+            except OSError as exc:
+                return str(exc)
             for op in (IORING_OP_READ, IORING_OP_WRITE):
-                if op > raw[0] or not struct.unpack_from("<H", raw, 16 + op * 8 + 2)[0] & \
-                        _IO_URING_OP_SUPPORTED:
+                if op not in ops:
                     return f"io_uring opcode {op} not supported"
         finally:
             os.close(fd)
@@ -251,6 +265,11 @@ class Uring:
         except BaseException:
             self._release()
             raise
+        try:
+            #: IORING_OP_CLOSE is there (Linux 5.6): ``closing.close_fd`` may use the ring.
+            self.closes = IORING_OP_CLOSE in _supported_ops(self.fd)
+        except OSError:
+            self.closes = False
         self.thread = threading.get_ident()
         self._pending: dict[int, tuple[Callback, Any]] = {}
         self._next = 1
@@ -290,12 +309,13 @@ class Uring:
     # update would lose a completion (its request would never finish).
     @trio.lowlevel.enable_ki_protection
     def submit(self, op: int, fd: int, addr: int, length: int, offset: int, rw_flags: int,
-               callback: Callback, keep: Any = None) -> None:
+               callback: Callback, keep: Any = None, sqe_flags: int = 0) -> None:
         """Queue one operation and hand it to the kernel now, or with ``deferring`` at the
         next ``flush`` (up to DEFER_MAX entries).
 
         ``rw_flags``: RWF_* bits (RWF_HIPRI is refused by the kernel on a ring without
-        IOPOLL). ``keep`` is held until ``callback(res)`` has run on the loop. Raises
+        IOPOLL). ``keep`` is held until ``callback(res)`` has run on the loop.
+        ``sqe_flags``: IOSQE_* bits of the entry (IOSQE_ASYNC). Raises
         UringBusyError when the ring is closed or full (the caller uses a worker thread),
         TypeError/ValueError for a bad argument; on a raise nothing was queued.
         """
@@ -311,7 +331,7 @@ class Uring:
             raise UringBusyError("io_uring submission queue full")
         key = self._next
         self._next = key + 1 if key < 0xFFFFFFFFFFFF else 1
-        _SQE.pack_into(self._sqes, (tail & self._sq_mask) * _SQE_SIZE, op, 0, 0, fd,
+        _SQE.pack_into(self._sqes, (tail & self._sq_mask) * _SQE_SIZE, op, sqe_flags, 0, fd,
                        offset, addr, length, rw_flags, key, 0, 0, 0, 0, 0)
         self._pending[key] = (callback, keep)
         self._tail = (tail + 1) & 0xFFFFFFFF

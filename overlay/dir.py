@@ -42,7 +42,7 @@ from .copyup import copy_up
 from .entry import OvlInode
 from .file import backing_flags, open_new
 from .inode import check_writable, make_entry
-from .namei import Resolved, adopt, lower_positive, resolve
+from .namei import Resolved, adopt, find_upper, lower_positive, resolve
 from .readdir import is_empty, remove_upper_whiteouts
 from .superblock import remove_tree_at
 
@@ -497,21 +497,61 @@ async def rmdir(sb: Superblock, parent: OvlInode, name: bytes) -> None:
     await _remove(sb, parent, name, want_dir=True)
 
 
-async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool) -> None:
-    check_writable(sb)
-    res = resolve(sb, parent, name)
+def _check_kind(name: bytes, is_dir: bool, want_dir: bool) -> None:
+    if want_dir and not is_dir:
+        raise OSError(errno.ENOTDIR, "not a directory", name)
+    if not want_dir and is_dir:
+        raise OSError(errno.EISDIR, "is a directory", name)
+
+
+def _victim(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool) -> OvlInode:
+    """The inode ``name`` names, with one new lookup reference, checked to be of the kind
+    the removal wants. An upper object that has its inode already (everything rm -rf meets
+    after listing a tree made through the mount) costs an fstatat and an fstat, as in
+    lookup; anything else is resolved."""
+    known, upper_st = find_upper(sb, parent, name)
+    if known is not None:
+        inode, st = known
+        try:
+            _check_kind(name, stat.S_ISDIR(st.st_mode), want_dir)
+        except BaseException:
+            sb.inodes.forget(inode.ino, 1)
+            raise
+        return inode
+    res = resolve(sb, parent, name, upper_st)
     try:
         if not res.exists:
             raise OSError(errno.ENOENT, "no such file or directory", name)
-        if want_dir and not res.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory", name)
-        if not want_dir and res.is_dir:
-            raise OSError(errno.EISDIR, "is a directory", name)
-        inode = adopt(sb, parent, name, res)
+        _check_kind(name, res.is_dir, want_dir)
+        return adopt(sb, parent, name, res)
     finally:
         res.close()
+
+
+def _rmdir_plain(parent_fd: int, name: bytes) -> bool:
+    """rmdir of an upper directory with no lower one: one syscall when it holds nothing,
+    not even whiteouts (the kernel's ovl_remove_upper). False when it holds something:
+    the caller then lists it, and one holding only whiteouts goes through work/."""
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return True  # gone behind the mount, as the slow path's lstat would find
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
+async def _remove(sb: Superblock, parent: OvlInode, name: bytes, want_dir: bool) -> None:
+    check_writable(sb)
+    inode = _victim(sb, parent, name, want_dir)
     try:
         protattr.check_remove(sb, parent, inode)
+        if (want_dir and not inode.lowers and inode.upper is not None
+                and parent.upper is not None and not lower_positive(sb, parent, name)
+                and _rmdir_plain(parent.upper, name)):
+            return
         if want_dir and not is_empty(sb, inode):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
         await copy_up(sb, parent)

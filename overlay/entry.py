@@ -26,6 +26,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from backingfs.closing import close_fd
 from backingfs.dirents import DirSnapshot
 from backingfs.fsapi import ROOT_INO
 from backingfs.inodes import Inode
@@ -154,10 +155,7 @@ class OvlInode(Inode):
         self.upper = None
         self.lowers = []
         for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            close_fd(fd)
         parent, self.parent = self.parent, None
         if parent is not None and self.table is not None and self.holds_parent_ref:
             self.holds_parent_ref = False

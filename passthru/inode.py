@@ -27,6 +27,7 @@ import trio
 
 from backingfs import creds, fileattr, syscalls, xattrs
 from backingfs.attrs import Attr
+from backingfs.closing import close_fd
 from backingfs.fileattr import FileAttr
 from backingfs.fsapi import Caller, Entry, SetattrRequest, Statfs
 from backingfs.inodes import Inode
@@ -51,10 +52,7 @@ class PassthruInode(Inode):
     def on_evict(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            close_fd(fd)
 
 
 def make_entry(fs: PassthruFs, inode: PassthruInode, st: os.stat_result) -> Entry:

@@ -192,6 +192,40 @@ def test_rmdir_pure_upper(ovl: OvlLayers) -> None:
     assert os.listdir(ovl.upper) == []
 
 
+def test_rmdir_pure_upper_holding_only_whiteouts(ovl: OvlLayers) -> None:
+    # An upper directory with no lower one whose rmdir(2) on the layer fails: it holds
+    # whiteouts (as an OCI layer unpacked into the upper leaves them), so it is empty
+    # through the mount, and goes whole; then one with a visible entry stays (ENOTEMPTY).
+    (ovl.upper / "d").mkdir()
+    os.mknod(ovl.upper / "d" / "x", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    (ovl.upper / "d" / ".wh.y").write_text("")
+    (ovl.upper / "e").mkdir()
+    (ovl.upper / "e" / "kept").write_text("k")
+    mnt = ovl.mount()
+    assert os.listdir(mnt / "d") == []
+    os.rmdir(mnt / "d")
+    assert not (mnt / "d").exists()
+    assert sorted(os.listdir(ovl.upper)) == ["e"]
+    with pytest.raises(OSError) as e:
+        os.rmdir(mnt / "e")
+    assert e.value.errno == errno.ENOTEMPTY
+    assert (ovl.upper / "e" / "kept").read_text() == "k"
+    assert ovl.work_entries() == []
+
+
+def test_rmdir_upper_dir_over_lower_file_leaves_whiteout(ovl: OvlLayers) -> None:
+    # The upper directory has no lower directory, but its name hides a lower file: the
+    # removal must leave a whiteout, not just remove the directory.
+    (ovl.lower1 / "n").write_text("lower file")
+    (ovl.upper / "n").mkdir()
+    mnt = ovl.mount()
+    assert stat.S_ISDIR(os.lstat(mnt / "n").st_mode)
+    os.rmdir(mnt / "n")
+    assert not os.path.lexists(mnt / "n")
+    assert is_chr_whiteout(ovl.upper / "n")
+    assert ovl.work_entries() == []
+
+
 def test_mkdir_over_whiteout_is_opaque(ovl: OvlLayers) -> None:
     (ovl.lower1 / "d").mkdir()
     (ovl.lower1 / "d" / "old").write_text("x")

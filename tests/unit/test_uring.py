@@ -22,7 +22,7 @@ from rw_checks import (
     write_concurrently_racing_stats,
 )
 
-from backingfs import rw, uring
+from backingfs import closing, rw, uring
 from backingfs.aio import live_aios
 from backingfs.backing_file import BackingFile
 from backingfs.context import BackingFileCtx
@@ -540,5 +540,86 @@ def test_entries_the_kernel_refuses_at_flush_complete_with_its_error(
             assert await do(ring, IORING_OP_READ, fd, buf, 4096) == 4096
             assert bytes(buf) == data[4096:]
         os.close(fd)
+
+    trio.run(main)
+
+
+# -- closing.close_fd: fds closed by an io-wq worker -----------------------------------
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_close_fd_on_the_ring_closes_on_a_worker_and_frees_an_unlinked_file(
+        tmp_path: Path) -> None:
+    # The point of going through the ring: the close that frees an unlinked file is not
+    # made by the loop thread. Until the ring completes it the number stays taken (no
+    # reuse), the ring counts it pending, and then the fd is gone and the file freed.
+    p = tmp_path / "big"
+    p.write_bytes(os.urandom(1 << 20))
+    path_fds = [os.open(p, os.O_PATH) for _ in range(3)]
+    os.unlink(p)
+    free0 = os.statvfs(tmp_path).f_bfree
+
+    async def main() -> None:
+        async with running_ring(8, active=True) as ring:
+            assert ring.closes
+            submitted = ring.submitted
+            for fd in path_fds[:2]:
+                os.close(fd)
+            closing.close_fd(path_fds[2])
+            assert ring.submitted == submitted + 1
+            assert ring.pending == 1
+            with trio.fail_after(5):
+                while ring.pending:
+                    await trio.sleep(0.001)
+            assert not _is_open(path_fds[2])
+
+    trio.run(main)
+    os.sync()
+    assert os.statvfs(tmp_path).f_bfree >= free0 + (1 << 20) // os.statvfs(tmp_path).f_bsize
+
+
+def test_close_fd_off_the_rings_thread_or_without_a_ring_closes_at_once(
+        tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+
+    async def main() -> None:
+        async with running_ring(8, active=True) as ring:
+            fd = os.open(p, os.O_PATH)
+            submitted = ring.submitted
+            await trio.to_thread.run_sync(closing.close_fd, fd)
+            assert not _is_open(fd)
+            assert ring.submitted == submitted
+
+    trio.run(main)
+    assert uring.ACTIVE is None
+    fd = os.open(p, os.O_PATH)
+    closing.close_fd(fd)
+    assert not _is_open(fd)
+    closing.close_fd(fd)  # a double close is logged, never raised
+
+
+def test_close_fd_falls_back_to_close_when_the_ring_is_full(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"x")
+
+    async def main() -> None:
+        async with running_ring(2, active=True) as ring:
+            fds = [os.open(p, os.O_PATH) for _ in range(ring.cq_entries + 2)]
+            ring.deferring = True  # keep them in the SQ: the ring fills up
+            for fd in fds:
+                closing.close_fd(fd)
+            ring.flush()
+            with trio.fail_after(5):
+                while ring.pending:
+                    await trio.sleep(0.001)
+            assert not any(_is_open(fd) for fd in fds)
 
     trio.run(main)
