@@ -133,7 +133,7 @@ def _supported_ops(fd: int) -> frozenset[int]:
         raise OSError(ctypes.get_errno(),
                       f"IORING_REGISTER_PROBE: {os.strerror(ctypes.get_errno())}")
     raw = probe.raw
-    return frozenset(op for op in range(raw[0] + 1)
+    return frozenset(op for op in range(min(raw[0], 255) + 1)
                      if struct.unpack_from("<H", raw, 16 + op * 8 + 2)[0]
                      & _IO_URING_OP_SUPPORTED)
 
