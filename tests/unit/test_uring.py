@@ -555,13 +555,16 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+BIG = 32 << 20
+
+
 def test_close_fd_on_the_ring_closes_on_a_worker_and_frees_an_unlinked_file(
         tmp_path: Path) -> None:
     # The point of going through the ring: the close that frees an unlinked file is not
     # made by the loop thread. Until the ring completes it the number stays taken (no
     # reuse), the ring counts it pending, and then the fd is gone and the file freed.
     p = tmp_path / "big"
-    p.write_bytes(os.urandom(1 << 20))
+    p.write_bytes(os.urandom(BIG))
     path_fds = [os.open(p, os.O_PATH) for _ in range(3)]
     os.unlink(p)
     free0 = os.statvfs(tmp_path).f_bfree
@@ -582,7 +585,9 @@ def test_close_fd_on_the_ring_closes_on_a_worker_and_frees_an_unlinked_file(
 
     trio.run(main)
     os.sync()
-    assert os.statvfs(tmp_path).f_bfree >= free0 + (1 << 20) // os.statvfs(tmp_path).f_bsize
+    st = os.statvfs(tmp_path)
+    # Most of it: the filesystem is shared with whatever else runs meanwhile.
+    assert (st.f_bfree - free0) * st.f_frsize >= BIG * 3 // 4
 
 
 def test_close_fd_off_the_rings_thread_or_without_a_ring_closes_at_once(
