@@ -86,6 +86,11 @@ BURST_SECONDS = 2e-3
 FORGET_PAUSE = 0.02
 #: How soon to retry handing the ring entries it refused for the moment (EAGAIN, ENOMEM).
 RING_RETRY = 1e-3
+#: FORGET and BATCH_FORGET: the opcode field of requests the inline loop holds back.
+_FORGET_OPS = frozenset({int(abi.Op.FORGET).to_bytes(4, "little"),
+                         int(abi.Op.BATCH_FORGET).to_bytes(4, "little")})
+#: Most FORGETs held back before they are applied anyway.
+FORGET_HOLD_MAX = 64
 
 
 class NativeSession:
@@ -105,6 +110,8 @@ class NativeSession:
         self.lease = lease.LoopLease()
         self._outer: trio.Nursery | None = None
         self._forgets_read = False  # a request was read from /dev/fuse since the last pause
+        #: FORGETs read but not applied yet (``_hold_forget``).
+        self._held_forgets: list[bytes] = []
         self._backlog = False  # the last request read was there without waiting
         self.fd = -1
         self.mountpoint = ""
@@ -251,7 +258,7 @@ class NativeSession:
                     coro, trap = await self._serve_inline()
                 finally:
                     # A handler that suspended may wait for what it just queued.
-                    self._flush_ring()
+                    self._release_held()
                     lock.release()
                 if coro is None:
                     return
@@ -277,6 +284,8 @@ class NativeSession:
             data = await self._read()
             if data is None:
                 return None, None
+            if data[4:8] in _FORGET_OPS and self._hold_forget(data):
+                continue
             coro = self._dispatch(data)
             if ring is not None and self._backlog:
                 # Requests are queued up (this one was read without waiting): the ring's
@@ -292,11 +301,45 @@ class NativeSession:
                 if burst >= _INLINE_BURST:
                     # Let the requests that suspended, and thread completions, move on.
                     burst = 0
-                    self._flush_ring()
+                    self._release_held()
                     await trio.lowlevel.checkpoint()
                 continue
             self.suspended[int.from_bytes(data[4:8], "little")] += 1
             return coro, trap
+
+    def _hold_forget(self, data: bytes) -> bool:
+        """Keep a FORGET for ``_release_held``; False: apply it now (too many held).
+
+        The kernel queues the FORGET of an unlinked file as the caller's unlink(2)
+        returns, and hands FORGETs out ahead of requests: applied at once, it would sit in
+        front of the caller's next request (rm's GETATTR of the parent), and eviction is
+        not cheap (closing the inode's fds). Held, it is applied when the device is found
+        empty, while the caller is being woken. Lookup counts add up the same in either
+        order (a LOOKUP answered meanwhile finds the inode still there and counts one
+        more), and nothing is held for longer than one burst of requests."""
+        if len(self._held_forgets) >= FORGET_HOLD_MAX:
+            self._release_held()
+            return False
+        self._held_forgets.append(data)
+        return True
+
+    def _release_held(self) -> bool:
+        """Apply the FORGETs the inline loop held back, then ``_flush_ring``."""
+        held = self._held_forgets
+        if held:
+            self._held_forgets = []
+            ring = uring.ACTIVE
+            if ring is not None:
+                ring.deferring = True  # their fd closes: one enter, in the flush below
+            for data in held:
+                coro = self._dispatch(data)
+                try:
+                    trap = coro.send(None)
+                except StopIteration:
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(_finish, coro, trap)  # a forget that waits
+        return self._flush_ring()
 
     def _flush_ring(self) -> bool:
         """Submit what the inline loop left in the ring; False if the kernel did not take
@@ -321,7 +364,7 @@ class NativeSession:
                 return bytes(self._view[:n])
             except BlockingIOError:
                 self._backlog = False
-                if not self._flush_ring():
+                if not self._release_held():
                     await trio.sleep(RING_RETRY)  # the kernel refused for now: no sleep
                     continue                     # on /dev/fuse with reads not started
                 if self._forgets_read and self.uring is not None and self.uring.serving():
@@ -468,6 +511,10 @@ def _runnable_check() -> Callable[[], int]:
     except (ImportError, AttributeError, TypeError):
         return lambda: trio.lowlevel.current_statistics().tasks_runnable
     return runq.__len__
+
+
+async def _finish(coro: Coroutine[Any, Any, None], trap: Any) -> None:
+    await _resume(coro, trap)
 
 
 @types.coroutine

@@ -797,43 +797,9 @@ def test_enodev_while_polling_ends_the_session_quietly(monkeypatch: pytest.Monke
                                                        ) -> None:
     """The device goes away (unmount) while an idle reader polls it: serve() returns, no
     traceback, no error logged."""
-    from backingfs import native
-
-    s = NativeSession(FakeFs())
-    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.fd = ours.fileno()
-    calls = 0
-    real_readv = os.readv
-
-    def readv(fd: int, buffers: Any) -> int:
-        nonlocal calls
-        if fd != s.fd:
-            return real_readv(fd, buffers)
-        calls += 1
-        if calls < 50:
-            raise BlockingIOError(errno.EAGAIN, "nothing yet")
-        if calls == 50:
-            peer.send(b"x")  # the real device polls readable once it is gone
-        raise OSError(errno.ENODEV, "unmounted")
-
-    monkeypatch.setattr(native.os, "readv", readv)
-    # Both polls: out of a burst the reader polls SPIN_SHORT_SECONDS (50 us), in which
-    # 50 calls of this readv are not sure to fit (the test then waited for a device that
-    # never became readable).
-    monkeypatch.setattr(native, "SPIN_SECONDS", 0.5)
-    monkeypatch.setattr(native, "SPIN_SHORT_SECONDS", 0.5)
-
-    async def main() -> None:
-        with trio.fail_after(10):
-            await s.serve(1, 4)
-
-    try:
-        with caplog.at_level("WARNING"):
-            trio.run(main)
-    finally:
-        ours.close()
-        peer.close()
-    assert calls >= 50
+    with caplog.at_level("WARNING"):
+        s, empties = _serve_script(monkeypatch, [], empty_polls=50)
+    assert empties >= 50
     assert not s._mounted
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
@@ -987,3 +953,97 @@ def test_poll_is_long_only_in_a_burst_of_requests(monkeypatch: pytest.MonkeyPatc
     before = clock[0]
     assert poll() == (64, 1)
     assert s._arrivals[-1] > before  # the request the poll found counts
+
+
+class OrderFs(FakeFs):
+    """Records lookups and forgets in one list, in the order they ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
+        self.order.append("lookup")
+        return await super().lookup(parent, name, caller)
+
+    async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        self.order.extend("forget" for _ in items)
+        await super().forget(items)
+
+
+def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
+                  empty_polls: int = 5) -> tuple[NativeSession, int]:
+    """Serve the requests of ``script`` (on an OrderFs) from a device that has them all
+    waiting, is then found empty ``empty_polls`` times, then goes away (it polls readable
+    once it is gone, as the real one). Returns the session and how often it was empty."""
+    from backingfs import native
+
+    s = NativeSession(OrderFs())
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.fd = ours.fileno()
+    queue = list(script)
+    empties = 0
+    real_readv = os.readv
+
+    def readv(fd: int, buffers: Any) -> int:
+        nonlocal empties
+        if fd != s.fd:
+            return real_readv(fd, buffers)
+        if queue:
+            data = queue.pop(0)
+            buffers[0][:len(data)] = data
+            return len(data)
+        empties += 1
+        if empties < empty_polls:
+            raise BlockingIOError(errno.EAGAIN, "nothing yet")
+        if empties == empty_polls:
+            peer.send(b"x")
+        raise OSError(errno.ENODEV, "unmounted")
+
+    monkeypatch.setattr(native.os, "readv", readv)
+    # Both polls: out of a burst the reader polls SPIN_SHORT_SECONDS (50 us), in which
+    # the empty polls are not sure to fit (the test then waited for a device that never
+    # became readable).
+    monkeypatch.setattr(native, "SPIN_SECONDS", 0.5)
+    monkeypatch.setattr(native, "SPIN_SHORT_SECONDS", 0.5)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            await s.serve(1, 4)
+
+    try:
+        trio.run(main)
+    finally:
+        ours.close()
+        peer.close()
+    return s, empties
+
+
+def test_forgets_wait_for_the_device_to_be_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel hands the FORGET of an unlinked file out ahead of the caller's next
+    # request: that request is answered first, and the FORGET applied once the device is
+    # found empty (and never lost).
+    forget = request(abi.Op.FORGET, 2, abi.FORGET_IN.pack(1), unique=0)
+    batch = request(abi.Op.BATCH_FORGET, 0,
+                    abi.BATCH_FORGET_IN.pack(2, 0) + abi.FORGET_ONE.pack(3, 1)
+                    + abi.FORGET_ONE.pack(4, 2), unique=0)
+    s, _ = _serve_script(monkeypatch, [forget, batch, request(abi.Op.LOOKUP, 1, b"f\0")])
+    fs = s.fs
+    assert isinstance(fs, OrderFs)
+    assert fs.order == ["lookup", "forget", "forget", "forget"]
+    assert fs.forgotten == [(2, 1), (3, 1), (4, 2)]
+
+
+def test_held_forgets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backingfs import native
+
+    n = native.FORGET_HOLD_MAX + 6
+    forgets = [request(abi.Op.FORGET, 100 + i, abi.FORGET_IN.pack(1), unique=0)
+               for i in range(n)]
+    s, _ = _serve_script(monkeypatch, [*forgets, request(abi.Op.LOOKUP, 1, b"f\0")])
+    fs = s.fs
+    assert isinstance(fs, OrderFs)
+    # The one past the bound applies those held and itself at once; the rest wait.
+    first = fs.order.index("lookup")
+    assert first == native.FORGET_HOLD_MAX + 1
+    assert sorted(fs.forgotten) == [(100 + i, 1) for i in range(n)]
