@@ -86,11 +86,20 @@ BURST_SECONDS = 2e-3
 FORGET_PAUSE = 0.02
 #: How soon to retry handing the ring entries it refused for the moment (EAGAIN, ENOMEM).
 RING_RETRY = 1e-3
-#: FORGET and BATCH_FORGET: the opcode field of requests the inline loop holds back.
-_FORGET_OPS = frozenset({int(abi.Op.FORGET).to_bytes(4, "little"),
-                         int(abi.Op.BATCH_FORGET).to_bytes(4, "little")})
-#: Most FORGETs held back before they are applied anyway.
-FORGET_HOLD_MAX = 64
+def _opcodes(*ops: abi.Op) -> frozenset[bytes]:
+    """The opcode fields (header bytes 4:8) of ``ops``, to test a request without decoding."""
+    return frozenset(int(op).to_bytes(4, "little") for op in ops)
+
+
+#: Requests the inline loop holds back (``_hold``): nobody waits for them. FORGETs have no
+#: reply; the kernel sends RELEASE and RELEASEDIR after close(2) has returned.
+_HELD_OPS = _opcodes(abi.Op.FORGET, abi.Op.BATCH_FORGET, abi.Op.RELEASE, abi.Op.RELEASEDIR)
+#: Requests that must find every RELEASE read before them applied: an open registers the
+#: inode's backing file for kernel passthrough, and a release still pending would leave the
+#: registration of the file it closed (overlay: the lower file, when this open copies up).
+_OPENS = _opcodes(abi.Op.OPEN, abi.Op.CREATE, abi.Op.TMPFILE)
+#: Most requests held back before they are applied anyway.
+HOLD_MAX = 64
 
 
 class NativeSession:
@@ -110,8 +119,8 @@ class NativeSession:
         self.lease = lease.LoopLease()
         self._outer: trio.Nursery | None = None
         self._forgets_read = False  # a request was read from /dev/fuse since the last pause
-        #: FORGETs read but not applied yet (``_hold_forget``).
-        self._held_forgets: list[bytes] = []
+        #: Requests read but not applied yet (``_hold``), in the order read.
+        self._held: list[bytes] = []
         self._backlog = False  # the last request read was there without waiting
         self.fd = -1
         self.mountpoint = ""
@@ -284,8 +293,11 @@ class NativeSession:
             data = await self._read()
             if data is None:
                 return None, None
-            if data[4:8] in _FORGET_OPS and self._hold_forget(data):
+            op = data[4:8]
+            if op in _HELD_OPS and self._hold(data):
                 continue
+            if op in _OPENS and self._held:
+                self._release_held()
             coro = self._dispatch(data)
             if ring is not None and self._backlog:
                 # Requests are queued up (this one was read without waiting): the ring's
@@ -307,27 +319,31 @@ class NativeSession:
             self.suspended[int.from_bytes(data[4:8], "little")] += 1
             return coro, trap
 
-    def _hold_forget(self, data: bytes) -> bool:
-        """Keep a FORGET for ``_release_held``; False: apply it now (too many held).
+    def _hold(self, data: bytes) -> bool:
+        """Keep a FORGET or RELEASE(DIR) for ``_release_held``; False: apply it now (too
+        many held).
 
         The kernel queues the FORGET of an unlinked file as the caller's unlink(2)
-        returns, and hands FORGETs out ahead of requests: applied at once, it would sit in
-        front of the caller's next request (rm's GETATTR of the parent), and eviction is
-        not cheap (closing the inode's fds). Held, it is applied when the device is found
+        returns, and the RELEASE of a file as its close(2) returns, and hands FORGETs out
+        ahead of requests: applied at once, each would sit in front of the caller's next
+        request (rm's GETATTR of the parent, tar's LOOKUP of its next file), and neither is
+        cheap (closing fds, BACKING_CLOSE). Held, they are applied when the device is found
         empty, while the caller is being woken. Lookup counts add up the same in either
         order (a LOOKUP answered meanwhile finds the inode still there and counts one
-        more), and nothing is held for longer than one burst of requests."""
-        if len(self._held_forgets) >= FORGET_HOLD_MAX:
+        more); a handle outlives its close by that long, as if the RELEASE had come later
+        (``_OPENS`` are the requests that cannot wait for it); and nothing is held for
+        longer than one burst of requests."""
+        if len(self._held) >= HOLD_MAX:
             self._release_held()
             return False
-        self._held_forgets.append(data)
+        self._held.append(data)
         return True
 
     def _release_held(self) -> bool:
-        """Apply the FORGETs the inline loop held back, then ``_flush_ring``."""
-        held = self._held_forgets
+        """Apply what the inline loop held back, in the order read, then ``_flush_ring``."""
+        held = self._held
         if held:
-            self._held_forgets = []
+            self._held = []
             ring = uring.ACTIVE
             if ring is not None:
                 ring.deferring = True  # their fd closes: one enter, in the flush below
@@ -338,7 +354,7 @@ class NativeSession:
                 except StopIteration:
                     continue
                 assert self._nursery is not None
-                self._nursery.start_soon(_finish, coro, trap)  # a forget that waits
+                self._nursery.start_soon(_finish, coro, trap)  # one that waits
         return self._flush_ring()
 
     def _flush_ring(self) -> bool:

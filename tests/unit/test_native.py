@@ -970,6 +970,17 @@ class OrderFs(FakeFs):
         self.order.extend("forget" for _ in items)
         await super().forget(items)
 
+    async def open(self, ino: int, flags: int, caller: Caller) -> OpenReply:
+        self.order.append("open")
+        return await super().open(ino, flags, caller)
+
+    async def release(self, fh: int) -> None:
+        self.order.append("release")
+        await super().release(fh)
+
+    async def releasedir(self, fh: int) -> None:
+        self.order.append("releasedir")
+
 
 def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
                   empty_polls: int = 5) -> tuple[NativeSession, int]:
@@ -979,6 +990,7 @@ def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
     from backingfs import native
 
     s = NativeSession(OrderFs())
+    s.replies = []  # type: ignore[attr-defined]
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.fd = ours.fileno()
     queue = list(script)
@@ -1013,6 +1025,13 @@ def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
 
     try:
         trio.run(main)
+        peer.setblocking(False)
+        while True:  # the replies, in the order written
+            try:
+                reply = peer.recv(1 << 16)
+            except BlockingIOError:
+                break
+            s.replies.append(abi.OUT_HEADER.unpack_from(reply)[2])  # type: ignore[attr-defined]
     finally:
         ours.close()
         peer.close()
@@ -1037,7 +1056,7 @@ def test_forgets_wait_for_the_device_to_be_empty(monkeypatch: pytest.MonkeyPatch
 def test_held_forgets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from backingfs import native
 
-    n = native.FORGET_HOLD_MAX + 6
+    n = native.HOLD_MAX + 6
     forgets = [request(abi.Op.FORGET, 100 + i, abi.FORGET_IN.pack(1), unique=0)
                for i in range(n)]
     s, _ = _serve_script(monkeypatch, [*forgets, request(abi.Op.LOOKUP, 1, b"f\0")])
@@ -1045,5 +1064,34 @@ def test_held_forgets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(fs, OrderFs)
     # The one past the bound applies those held and itself at once; the rest wait.
     first = fs.order.index("lookup")
-    assert first == native.FORGET_HOLD_MAX + 1
+    assert first == native.HOLD_MAX + 1
     assert sorted(fs.forgotten) == [(100 + i, 1) for i in range(n)]
+
+
+def test_releases_wait_for_the_device_to_be_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    # close(2) returns before the kernel's RELEASE is answered, and the caller's next
+    # request comes right behind it: that request is answered first.
+    release = request(abi.Op.RELEASE, 2, abi.RELEASE_IN.pack(7, 0, 0, 0), unique=11)
+    releasedir = request(abi.Op.RELEASEDIR, 1, abi.RELEASE_IN.pack(8, 0, 0, 0), unique=12)
+    lookup = request(abi.Op.LOOKUP, 1, b"f\0", unique=13)
+    s, _ = _serve_script(monkeypatch, [release, releasedir, lookup])
+    fs = s.fs
+    assert isinstance(fs, OrderFs)
+    assert fs.order == ["lookup", "release", "releasedir"]
+    assert fs.released == [7]
+    assert s.replies == [13, 11, 12]  # type: ignore[attr-defined]
+
+
+def test_an_open_applies_the_releases_read_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An open must not find the last handle's backing registration still there (overlay:
+    # the lower file's, when this open copies up): held releases go first. FORGETs held
+    # with them keep their place in the order read.
+    release = request(abi.Op.RELEASE, 2, abi.RELEASE_IN.pack(7, 0, 0, 0), unique=11)
+    forget = request(abi.Op.FORGET, 3, abi.FORGET_IN.pack(1), unique=0)
+    lookup = request(abi.Op.LOOKUP, 1, b"f\0", unique=12)
+    opened = request(abi.Op.OPEN, 2, abi.OPEN_IN.pack(os.O_RDONLY, 0), unique=13)
+    s, _ = _serve_script(monkeypatch, [release, forget, lookup, opened])
+    fs = s.fs
+    assert isinstance(fs, OrderFs)
+    assert fs.order == ["lookup", "release", "forget", "open"]
+    assert s.replies == [12, 11, 13]  # type: ignore[attr-defined]
