@@ -86,6 +86,8 @@ BURST_SECONDS = 2e-3
 FORGET_PAUSE = 0.02
 #: How soon to retry handing the ring entries it refused for the moment (EAGAIN, ENOMEM).
 RING_RETRY = 1e-3
+
+
 def _opcodes(*ops: abi.Op) -> frozenset[bytes]:
     """The opcode fields (header bytes 4:8) of ``ops``, to test a request without decoding."""
     return frozenset(int(op).to_bytes(4, "little") for op in ops)
@@ -94,10 +96,11 @@ def _opcodes(*ops: abi.Op) -> frozenset[bytes]:
 #: Requests the inline loop holds back (``_hold``): nobody waits for them. FORGETs have no
 #: reply; the kernel sends RELEASE and RELEASEDIR after close(2) has returned.
 _HELD_OPS = _opcodes(abi.Op.FORGET, abi.Op.BATCH_FORGET, abi.Op.RELEASE, abi.Op.RELEASEDIR)
-#: Requests that must find every RELEASE read before them applied: an open registers the
+#: Requests that must find every request held before them applied. An open registers the
 #: inode's backing file for kernel passthrough, and a release still pending would leave the
 #: registration of the file it closed (overlay: the lower file, when this open copies up).
-_OPENS = _opcodes(abi.Op.OPEN, abi.Op.CREATE, abi.Op.TMPFILE)
+#: (The session's end applies what is held before the filesystem's destroy() runs.)
+_BARRIERS = _opcodes(abi.Op.OPEN, abi.Op.CREATE, abi.Op.TMPFILE)
 #: Most requests held back before they are applied anyway.
 HOLD_MAX = 64
 
@@ -296,7 +299,7 @@ class NativeSession:
             op = data[4:8]
             if op in _HELD_OPS and self._hold(data):
                 continue
-            if op in _OPENS and self._held:
+            if op in _BARRIERS and self._held:
                 self._release_held()
             coro = self._dispatch(data)
             if ring is not None and self._backlog:
@@ -331,7 +334,7 @@ class NativeSession:
         empty, while the caller is being woken. Lookup counts add up the same in either
         order (a LOOKUP answered meanwhile finds the inode still there and counts one
         more); a handle outlives its close by that long, as if the RELEASE had come later
-        (``_OPENS`` are the requests that cannot wait for it); and nothing is held for
+        (``_BARRIERS`` are the requests that cannot wait for it); and nothing is held for
         longer than one burst of requests."""
         if len(self._held) >= HOLD_MAX:
             self._release_held()

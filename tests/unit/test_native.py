@@ -961,6 +961,7 @@ class OrderFs(FakeFs):
     def __init__(self) -> None:
         super().__init__()
         self.order: list[str] = []
+        self.replies: list[int] = []  # the unique of each reply, in the order written
 
     async def lookup(self, parent: int, name: bytes, caller: Caller) -> Entry:
         self.order.append("lookup")
@@ -989,8 +990,8 @@ def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
     once it is gone, as the real one). Returns the session and how often it was empty."""
     from backingfs import native
 
-    s = NativeSession(OrderFs())
-    s.replies = []  # type: ignore[attr-defined]
+    fs = OrderFs()
+    s = NativeSession(fs)
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.fd = ours.fileno()
     queue = list(script)
@@ -1031,7 +1032,7 @@ def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
                 reply = peer.recv(1 << 16)
             except BlockingIOError:
                 break
-            s.replies.append(abi.OUT_HEADER.unpack_from(reply)[2])  # type: ignore[attr-defined]
+            fs.replies.append(abi.OUT_HEADER.unpack_from(reply)[2])
     finally:
         ours.close()
         peer.close()
@@ -1079,7 +1080,7 @@ def test_releases_wait_for_the_device_to_be_empty(monkeypatch: pytest.MonkeyPatc
     assert isinstance(fs, OrderFs)
     assert fs.order == ["lookup", "release", "releasedir"]
     assert fs.released == [7]
-    assert s.replies == [13, 11, 12]  # type: ignore[attr-defined]
+    assert fs.replies == [13, 11, 12]
 
 
 def test_an_open_applies_the_releases_read_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1094,4 +1095,18 @@ def test_an_open_applies_the_releases_read_before_it(monkeypatch: pytest.MonkeyP
     fs = s.fs
     assert isinstance(fs, OrderFs)
     assert fs.order == ["lookup", "release", "forget", "open"]
-    assert s.replies == [12, 11, 13]  # type: ignore[attr-defined]
+    assert fs.replies == [12, 11, 13]
+
+
+def test_the_session_end_applies_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DESTROY ends the session; the runner calls the filesystem's destroy() only after
+    # serve() has returned, by when the held release and forget have been applied.
+    release = request(abi.Op.RELEASE, 2, abi.RELEASE_IN.pack(7, 0, 0, 0), unique=11)
+    forget = request(abi.Op.FORGET, 3, abi.FORGET_IN.pack(1), unique=0)
+    destroy = request(abi.Op.DESTROY, 0, b"", unique=12)
+    s, _ = _serve_script(monkeypatch, [release, forget, destroy])
+    fs = s.fs
+    assert isinstance(fs, OrderFs)
+    assert fs.order == ["release", "forget"]
+    assert fs.released == [7] and fs.forgotten == [(3, 1)]
+    assert fs.replies == [12, 11]
