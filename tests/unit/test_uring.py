@@ -544,7 +544,7 @@ def test_entries_the_kernel_refuses_at_flush_complete_with_its_error(
     trio.run(main)
 
 
-# -- closing.close_fd: fds closed by an io-wq worker -----------------------------------
+# -- closing.close_fd: big unlinked files closed by an io-wq worker ---------------------
 
 def _is_open(fd: int) -> bool:
     try:
@@ -590,41 +590,73 @@ def test_close_fd_on_the_ring_closes_on_a_worker_and_frees_an_unlinked_file(
     assert (st.f_bfree - free0) * st.f_frsize >= BIG * 3 // 4
 
 
+def _big_unlinked(tmp_path: Path, n: int) -> list[int]:
+    """``n`` O_PATH fds of one unlinked file that a close would have much to free."""
+    p = tmp_path / "big"
+    p.write_bytes(b"x" * (closing.ASYNC_CLOSE_BYTES * 4))
+    os.sync()  # allocated, so st_blocks says how big it is
+    fds = [os.open(p, os.O_PATH) for _ in range(n)]
+    os.unlink(p)
+    return fds
+
+
 def test_close_fd_off_the_rings_thread_or_without_a_ring_closes_at_once(
         tmp_path: Path) -> None:
-    p = tmp_path / "f"
-    p.write_bytes(b"x")
+    fds = _big_unlinked(tmp_path, 2)
 
     async def main() -> None:
         async with running_ring(8, active=True) as ring:
-            fd = os.open(p, os.O_PATH)
             submitted = ring.submitted
-            await trio.to_thread.run_sync(closing.close_fd, fd)
-            assert not _is_open(fd)
+            await trio.to_thread.run_sync(closing.close_fd, fds[0])
+            assert not _is_open(fds[0])
             assert ring.submitted == submitted
 
     trio.run(main)
     assert uring.ACTIVE is None
-    fd = os.open(p, os.O_PATH)
-    closing.close_fd(fd)
-    assert not _is_open(fd)
-    closing.close_fd(fd)  # a double close is logged, never raised
+    closing.close_fd(fds[1])
+    assert not _is_open(fds[1])
+    closing.close_fd(fds[1])  # a double close is logged, never raised
+
+
+def test_close_fd_closes_at_once_what_frees_little(tmp_path: Path) -> None:
+    # A worker's wake-up costs more than these closes: a linked file's, a small unlinked
+    # file's (the freeing of the Django tree's files under rm -rf), a directory's.
+    linked = tmp_path / "linked"
+    linked.write_bytes(b"x" * (closing.ASYNC_CLOSE_BYTES * 4))
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 4096)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    os.sync()
+    fds = [os.open(p, os.O_PATH) for p in (linked, small, gone)]
+    small.unlink()
+    gone.rmdir()
+
+    async def main() -> None:
+        async with running_ring(8, active=True) as ring:
+            submitted = ring.submitted
+            for fd in fds:
+                closing.close_fd(fd)
+                assert not _is_open(fd)
+            assert ring.submitted == submitted
+
+    trio.run(main)
 
 
 def test_close_fd_falls_back_to_close_when_the_ring_is_full(tmp_path: Path) -> None:
-    p = tmp_path / "f"
-    p.write_bytes(b"x")
-
     async def main() -> None:
         async with running_ring(2, active=True) as ring:
-            fds = [os.open(p, os.O_PATH) for _ in range(ring.cq_entries + 2)]
+            fds = _big_unlinked(tmp_path, ring.cq_entries + 2)
+            submitted = ring.submitted
             ring.deferring = True  # keep them in the SQ: the ring fills up
             for fd in fds:
                 closing.close_fd(fd)
+            assert 0 < ring.pending < len(fds)  # the ring took some, os.close the rest
             ring.flush()
             with trio.fail_after(5):
                 while ring.pending:
                     await trio.sleep(0.001)
+            assert ring.submitted > submitted
             assert not any(_is_open(fd) for fd in fds)
 
     trio.run(main)
