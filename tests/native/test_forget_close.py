@@ -35,6 +35,13 @@ def _deleted_fds(pid: int) -> list[str]:
     return out
 
 
+def _wait_for_no_deleted_fds(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while _deleted_fds(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _deleted_fds(pid) == []
+
+
 @pytest.mark.parametrize("fs", ["overlay", "passthru"])
 def test_rm_closes_the_big_forgotten_files_through_the_ring(tmp_path: Path, fs: str) -> None:
     d = {n: tmp_path / n for n in ("lower", "upper", "work", "src", "mnt")}
@@ -63,10 +70,7 @@ def test_rm_closes_the_big_forgotten_files_through_the_ring(tmp_path: Path, fs: 
         for i in range(FILES):
             os.unlink(tree / f"f{i}")
         tree.rmdir()
-        deadline = time.monotonic() + 10
-        while _deleted_fds(m.mount.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _deleted_fds(m.mount.pid) == []
+        _wait_for_no_deleted_fds(m.mount.pid)
         os.sync()
         st = os.statvfs(backing)
         assert st.f_bavail * st.f_frsize >= free + FILES * SIZE * 3 // 4
@@ -81,10 +85,7 @@ def test_rm_closes_the_big_forgotten_files_through_the_ring(tmp_path: Path, fs: 
         for i in range(FILES):
             os.unlink(tree / f"s{i}")
         tree.rmdir()
-        deadline = time.monotonic() + 10
-        while _deleted_fds(m.mount.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _deleted_fds(m.mount.pid) == []
+        _wait_for_no_deleted_fds(m.mount.pid)
         small = m.mount.session_statistics()["io_uring"]
         assert small["submitted"] - after["submitted"] < FILES // 2
         m.mount.unmount_clean()
