@@ -987,7 +987,8 @@ def _serve_script(monkeypatch: pytest.MonkeyPatch, script: list[bytes],
                   empty_polls: int = 5) -> tuple[NativeSession, int]:
     """Serve the requests of ``script`` (on an OrderFs) from a device that has them all
     waiting, is then found empty ``empty_polls`` times, then goes away (it polls readable
-    once it is gone, as the real one). Returns the session and how often it was empty."""
+    once it is gone, as the real one). Returns the session and how often it was empty; the
+    uniques of the replies, in the order written, are on the OrderFs (``replies``)."""
     from backingfs import native
 
     fs = OrderFs()
